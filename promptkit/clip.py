@@ -1,0 +1,246 @@
+"""FrozenCLIP: a frozen open_clip CLIP with a fast, hookable text path; and `load_clip`."""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import open_clip
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from . import _compat
+from .hooks import Hook, inject
+
+# Tiny random models for tests and examples: (embed_dim, vision_cfg, text_cfg), built in-process.
+_TEXT = dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2)
+TEST_MODELS = {
+    "test-vit": (32, dict(image_size=32, patch_size=8, width=64, head_width=32, layers=3), _TEXT),
+    "test-rn": (32, dict(image_size=32, layers=(1, 1, 1, 1), width=16, head_width=16), _TEXT),
+}
+TINY_PRETRAINED = "promptkit-tiny"
+
+
+class FrozenCLIP(nn.Module):
+    """Wraps an open_clip `CLIP` model and freezes it (eval mode, no gradients).
+
+    Args:
+        model: an open_clip `CLIP` with a VisionTransformer or ModifiedResNet image tower.
+        tokenizer: open_clip tokenizer; defaults to CLIP's BPE tokenizer (ships with open_clip).
+        preprocess: image transform; defaults to open_clip's eval transform for the model.
+        arch: architecture name, recorded in checkpoints when known.
+        pretrained: pretrained tag or file, recorded in checkpoints when known.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer=None, preprocess=None, *, arch: str | None = None,
+                 pretrained: str | None = None):
+        super().__init__()
+        _compat.check_supported(model)
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.tokenizer = tokenizer or open_clip.tokenizer.SimpleTokenizer(context_length=self.context_length)
+        if preprocess is None:
+            cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
+            preprocess = open_clip.image_transform(
+                model.visual.image_size, is_train=False, mean=cfg.get("mean"), std=cfg.get("std"))
+        self.preprocess = preprocess
+        self.arch, self.pretrained = arch, pretrained
+        # Rows of the prompt table being encoded, so context hooks can pick per-row prompts
+        # when the text path encodes prompts in length groups (None = all rows, in order).
+        self.text_rows: torch.Tensor | None = None
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.model.eval()  # frozen: dropout and patch dropout stay off whatever the learner's mode
+        return self
+
+    # -- model facts -------------------------------------------------------------------------
+    @property
+    def text_width(self) -> int:
+        return self.model.token_embedding.embedding_dim
+
+    @property
+    def embed_dim(self) -> int:
+        return _compat.embed_dim(self.model)
+
+    @property
+    def context_length(self) -> int:
+        return self.model.positional_embedding.shape[0]
+
+    @property
+    def vision_kind(self) -> str:
+        return _compat.vision_kind(self.model)
+
+    @property
+    def vision_width(self) -> int:
+        return _compat.vision_width(self.model)
+
+    @property
+    def text_blocks(self) -> nn.ModuleList:
+        return _compat.text_blocks(self.model)
+
+    @property
+    def vision_blocks(self) -> nn.ModuleList:
+        self.require_vit("visual prompts")
+        return _compat.vision_blocks(self.model)
+
+    @property
+    def text_batch_first(self) -> bool:
+        return _compat.batch_first(self.model.transformer)
+
+    @property
+    def vision_batch_first(self) -> bool:
+        return _compat.batch_first(self.model.visual.transformer)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.positional_embedding.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _compat.cast_dtype(self.model)
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale.exp()
+
+    def require_vit(self, what: str) -> None:
+        if self.vision_kind != "vit":
+            raise TypeError(
+                f"{what} need a VisionTransformer image tower, but this model has "
+                f"{type(self.model.visual).__name__}. Use a ViT model (e.g. ViT-B-16) or a text-only "
+                f"method (zeroshot, coop, kgcoop, prograd).")
+
+    def signature(self) -> dict:
+        """Structural identity, stored in checkpoints and compared on load."""
+        return {
+            "text_width": self.text_width, "embed_dim": self.embed_dim, "context_length": self.context_length,
+            "vocab_size": self.model.token_embedding.num_embeddings, "vision": self.vision_kind,
+            "vision_width": self.vision_width, "text_layers": len(self.text_blocks),
+            "vision_layers": len(_compat.vision_blocks(self.model)) if self.vision_kind == "vit" else None,
+        }
+
+    # -- tokens ------------------------------------------------------------------------------
+    def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(texts).to(self.device)
+
+    def word_ids(self, text: str) -> list[int]:
+        """BPE ids of `text` without start/end tokens."""
+        return self.tokenizer.encode(text)
+
+    @property
+    def sot_id(self) -> int:
+        return self.tokenizer.sot_token_id
+
+    @property
+    def eot_id(self) -> int:
+        return self.tokenizer.eot_token_id
+
+    def eot_index(self, tokens: torch.Tensor) -> torch.Tensor:
+        return _compat.eot_index(self.model, tokens)
+
+    # -- encoders ----------------------------------------------------------------------------
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Image features [B, D]; visual prompt hooks active in the caller's scope apply."""
+        features = self.model.encode_image(images.to(self.device, self.dtype))
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True, hooks: Sequence[Hook] = ()) -> torch.Tensor:
+        """Text features [N, D] of `tokens` [N, context_length], over the first `max(EOT) + 1` positions only.
+
+        Under CLIP's causal mask the pooled EOT feature never sees later positions, so
+        truncating is exact up to float rounding. Rows are sorted by length and encoded in
+        a few groups, each truncated to its own longest prompt, so one long class name
+        does not make every prompt pay for it. `hooks` are active while encoding.
+        """
+        tokens = tokens.to(self.device)
+        eot = self.eot_index(tokens)
+        order = torch.argsort(eot)
+        lengths = eot[order].tolist()
+        n_groups = min(4, max(1, len(lengths) // 64)) if lengths[-1] - lengths[0] > 8 else 1
+        parts = []
+        with inject(hooks):
+            for rows in torch.tensor_split(order, n_groups):
+                parts.append(self._encode_rows(tokens, rows, eot[rows]))
+        features = torch.cat(parts)[torch.argsort(order)]
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def _encode_rows(self, tokens: torch.Tensor, rows: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+        model, length = self.model, int(eot.max()) + 1
+        self.text_rows = rows
+        try:
+            x = model.token_embedding(tokens[rows, :length]).to(self.dtype)
+        finally:
+            self.text_rows = None
+        x = x + model.positional_embedding[:length].to(self.dtype)
+        x = model.transformer(x, attn_mask=_compat.causal_mask(model, length))
+        x = model.ln_final(x)
+        pooled = x[torch.arange(x.shape[0], device=x.device), eot]
+        return _compat.project_text(model, pooled)
+
+    @torch.no_grad()
+    def zero_shot_text_features(self, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+        """CLIP's template ensemble: mean of normalised features over templates, renormalised. [C, D]"""
+        prompts = [t.format(c) for c in classnames for t in templates]
+        features = self.encode_text(self.tokenize(prompts)).view(len(classnames), len(templates), -1)
+        return F.normalize(features.mean(dim=1), dim=-1)
+
+
+def _open_clip_model(arch: str, pretrained: str | None, device, precision: str, cache_dir, quick_gelu):
+    if pretrained and not os.path.isfile(pretrained) and quick_gelu is None:
+        # OpenAI weights were trained with QuickGELU; open_clip 3.x would otherwise build GELU and only warn.
+        quick_gelu = bool(open_clip.get_pretrained_cfg(arch, pretrained).get("quick_gelu", False))
+    kwargs = dict(precision=precision, device=device or "cpu", force_quick_gelu=bool(quick_gelu), cache_dir=cache_dir)
+    try:
+        return open_clip.create_model_and_transforms(arch, pretrained=pretrained, **kwargs)
+    except RuntimeError as err:
+        if pretrained and not os.path.isfile(pretrained):
+            raise RuntimeError(
+                f"could not load pretrained weights {pretrained!r} for {arch} ({err}). promptkit never needs the "
+                f"network: download the checkpoint once and pass its path, e.g. "
+                f"load_clip({arch!r}, pretrained='/path/to/{arch}.bin'), or pass cache_dir= where open_clip "
+                f"already cached it.") from err
+        raise
+
+
+def load_clip(arch: str, pretrained: str | None = None, *, device=None, precision: str = "fp32",
+              cache_dir: str | None = None, quick_gelu: bool | None = None) -> FrozenCLIP:
+    """Builds a frozen open_clip model.
+
+    Args:
+        arch: open_clip architecture (`ViT-B-16`, `RN50`, ...), `"promptkit-tiny"` (the small
+            pretrained model shipped with promptkit) or a test model (`"test-vit"`, `"test-rn"`: tiny, random).
+        pretrained: open_clip pretrained tag (`"openai"`, `"laion2b_s34b_b88k"`, ...) or a local
+            checkpoint file. None gives random weights.
+        device: where to put the model (default CPU).
+        precision: "fp32", "fp16" or "bf16" weights.
+        cache_dir: open_clip's download cache.
+        quick_gelu: force QuickGELU; by default taken from the pretrained tag (True for OpenAI weights).
+            Set it for a local file of OpenAI weights.
+    """
+    if arch == TINY_PRETRAINED:
+        from .tiny import load_tiny_clip
+
+        model = load_tiny_clip().to(device or "cpu")
+        return FrozenCLIP(_cast(model, precision), arch=arch, pretrained="embedded")
+    if arch in TEST_MODELS:
+        embed_dim, vision_cfg, text_cfg = TEST_MODELS[arch]
+        if pretrained is not None:
+            raise ValueError(f"{arch!r} is a tiny random test model; it has no pretrained weights")
+        with torch.random.fork_rng(devices=[]):  # same weights every time, caller's RNG untouched
+            torch.manual_seed(0)
+            model = open_clip.model.CLIP(embed_dim, vision_cfg=vision_cfg, text_cfg=text_cfg)
+        return FrozenCLIP(_cast(model.to(device or "cpu"), precision), arch=arch)
+    if arch not in open_clip.list_models():
+        raise ValueError(f"unknown architecture {arch!r}: use one of open_clip.list_models(), "
+                         f"{TINY_PRETRAINED!r} or {sorted(TEST_MODELS)}")
+    model, _, preprocess = _open_clip_model(arch, pretrained, device, precision, cache_dir, quick_gelu)
+    return FrozenCLIP(model, preprocess=preprocess, arch=arch, pretrained=pretrained)
+
+
+def _cast(model: nn.Module, precision: str) -> nn.Module:
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if precision not in dtypes:
+        raise ValueError(f"precision must be one of {sorted(dtypes)}, got {precision!r}")
+    return model.to(dtypes[precision])

@@ -1,0 +1,108 @@
+"""CoOp: Learning to Prompt for Vision-Language Models (Zhou et al., IJCV 2022)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..hooks import Hook
+from ..registry import register_method
+from .base import PromptLearner
+
+POSITIONS = ("end", "middle", "front")
+
+
+def build_prompts(clip, classnames: Sequence[str], n_ctx: int, position: str = "end",
+                  placeholder: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids of "[SOS] [ctx]*n_ctx [CLASS]. [EOS]" per class (context tokens at the front of the
+    class name for `position="front"`, split around it for `"middle"`), and the positions of the
+    context tokens [C, n_ctx]. `placeholder` ids fill the context slots (default "X")."""
+    if position not in POSITIONS:
+        raise ValueError(f"class_token_position must be one of {POSITIONS}, got {position!r}")
+    ctx_ids = list(placeholder) if placeholder is not None else clip.word_ids("X") * n_ctx
+    period = clip.word_ids(".")
+    rows, positions = [], []
+    for name in classnames:
+        name_ids = clip.word_ids(name)
+        if position == "end":
+            body, start = ctx_ids + clip.word_ids(name + "."), [0]
+        elif position == "front":
+            body, start = name_ids + ctx_ids + period, [len(name_ids)]
+        else:
+            half = n_ctx // 2
+            body = ctx_ids[:half] + name_ids + ctx_ids[half:] + period
+            start = [0, half + len(name_ids)]
+        ids = [clip.sot_id] + body + [clip.eot_id]
+        if len(ids) > clip.context_length:
+            raise ValueError(f"prompt for class {name!r} has {len(ids)} tokens, more than the model's "
+                             f"context length {clip.context_length}; shorten the class name or use fewer ctx tokens")
+        rows.append(ids + [0] * (clip.context_length - len(ids)))
+        if position == "middle":
+            pos = list(range(1, 1 + half)) + list(range(1 + start[1], 1 + start[1] + n_ctx - half))
+        else:
+            pos = list(range(1 + start[0], 1 + start[0] + n_ctx))
+        positions.append(pos)
+    return torch.tensor(rows), torch.tensor(positions)
+
+
+def context_hook(clip, ctx: torch.Tensor | callable, ctx_pos: torch.Tensor) -> Hook:
+    """Forward hook on the token embedding writing `ctx` into the context slots `ctx_pos` [R, n_ctx].
+
+    `ctx` is [n_ctx, W] (shared by all rows), [R, n_ctx, W] (one per row of the prompt table, e.g.
+    class-specific or per image), or a callable returning either, evaluated when the text runs.
+    """
+
+    def hook(module, args, out):
+        value = ctx() if callable(ctx) else ctx
+        rows = clip.text_rows
+        if rows is None:
+            rows = torch.arange(out.shape[0], device=out.device)
+        pos = ctx_pos[rows]
+        value = value.expand(len(rows), -1, -1) if value.dim() == 2 else value[rows]
+        return out.index_put((rows.new_tensor(range(len(rows)))[:, None], pos), value.to(out.dtype))
+
+    return Hook(clip.model.token_embedding, hook)
+
+
+@register_method("coop")
+class CoOp(PromptLearner):
+    """Learnable context vectors in front of (or around) the class name, text side only.
+
+    Args:
+        clip: the frozen model.
+        classnames: class names in label order.
+        n_ctx: number of context tokens (paper: 16; 4 with `ctx_init`).
+        ctx_init: words to initialise the context from (e.g. "a photo of a"); sets `n_ctx`.
+        class_specific: one context per class (CSC) instead of one shared context.
+        class_token_position: "end", "middle" or "front".
+        init_std: std of the random Gaussian init when `ctx_init` is None.
+    """
+
+    def __init__(self, clip, classnames: Sequence[str], n_ctx: int = 16, ctx_init: str | None = None,
+                 class_specific: bool = False, class_token_position: str = "end", init_std: float = 0.02):
+        super().__init__(clip, classnames)
+        embedding = clip.model.token_embedding
+        if ctx_init:
+            init_ids = clip.word_ids(ctx_init.replace("_", " "))
+            n_ctx = len(init_ids)
+            init = embedding.weight[init_ids].detach().clone().float()
+        else:
+            if n_ctx < 1:
+                raise ValueError("n_ctx must be >= 1 (or give ctx_init)")
+            init_ids = None
+            init = torch.randn(n_ctx, clip.text_width) * init_std
+        if class_specific:
+            init = init.unsqueeze(0).repeat(self.n_classes, 1, 1)
+        self.n_ctx = n_ctx
+        self.ctx = nn.Parameter(init.to(embedding.weight.device))
+        tokens, ctx_pos = build_prompts(clip, self.classnames, n_ctx, class_token_position, init_ids)
+        self.register_buffer("tokens", tokens.to(self.ctx.device), persistent=False)
+        self.register_buffer("ctx_pos", ctx_pos.to(self.ctx.device), persistent=False)
+
+    def text_hooks(self) -> list[Hook]:
+        """Hooks that put this learner's context into the text encoder."""
+        return [context_hook(self.clip, self.ctx, self.ctx_pos)]
+
+    def text_features(self) -> torch.Tensor:
+        return self.clip.encode_text(self.tokens, hooks=self.text_hooks())

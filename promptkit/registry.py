@@ -1,0 +1,55 @@
+"""Registries: a method or test-time adapter is one module plus one `register` line."""
+from __future__ import annotations
+
+from typing import Callable
+
+
+class Registry:
+    """Name -> class, names lower-case; aliases resolve to the canonical name."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._classes: dict[str, type] = {}
+        self._aliases: dict[str, str] = {}
+
+    def register(self, name: str, aliases: tuple[str, ...] = ()) -> Callable[[type], type]:
+        def add(cls: type) -> type:
+            for key in (name, *aliases):
+                if key != key.lower() or key in self._aliases:
+                    raise ValueError(f"{self.kind} name {key!r} must be lower-case and unique")
+                self._aliases[key] = name
+            self._classes[name] = cls
+            cls.method = name
+            return cls
+        return add
+
+    def get(self, name: str) -> type:
+        key = self._aliases.get(name.lower())
+        if key is None:
+            raise KeyError(f"unknown {self.kind} {name!r}; available: {', '.join(self.names())}")
+        return self._classes[key]
+
+    def names(self) -> list[str]:
+        return sorted(self._classes)
+
+
+METHODS = Registry("method")
+ADAPTERS = Registry("test-time adapter")
+register_method = METHODS.register
+register_adapter = ADAPTERS.register
+
+
+def list_methods() -> list[str]:
+    """Names of all registered prompt-learning methods."""
+    _load_builtin()
+    return METHODS.names()
+
+
+def create_learner(name: str, clip, classnames, **kwargs):
+    """Builds the learner registered as `name` on `clip` for `classnames`."""
+    _load_builtin()
+    return METHODS.get(name)(clip, classnames, **kwargs)
+
+
+def _load_builtin() -> None:
+    from . import learners  # noqa: F401  (registers the built-in methods)
