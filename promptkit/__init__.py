@@ -5,13 +5,19 @@ from .checkpoint import import_coop_checkpoint, load_pretrained
 from .clip import FrozenCLIP, load_clip
 from .hooks import Hook, inject
 from .learners import CoOp, LossOutput, PromptLearner, ZeroShotCLIP
-from .registry import create_learner, list_methods, register_method
+from .metrics import classification_metrics
+from .registry import create_learner, list_methods, register_adapter, register_method
 from .templates import IMAGENET_TEMPLATES, IMAGENET_TEMPLATES_7, get_templates
+from .training import PromptTrainer, TrainConfig
+from .tta import CTPT, TDA, TPT, Zero
 
 __all__ = [
     "FrozenCLIP", "load_clip",
     "PromptLearner", "LossOutput", "ZeroShotCLIP", "CoOp",
-    "create_learner", "list_methods", "register_method", "load_pretrained", "import_coop_checkpoint",
+    "create_learner", "list_methods", "register_method", "register_adapter", "load_pretrained",
+    "import_coop_checkpoint",
+    "PromptTrainer", "TrainConfig", "classification_metrics",
+    "TPT", "CTPT", "Zero", "TDA",
     "Hook", "inject",
     "IMAGENET_TEMPLATES", "IMAGENET_TEMPLATES_7", "get_templates",
 ]

@@ -91,3 +91,12 @@ def project_text(model: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
 def causal_mask(model: nn.Module, length: int) -> torch.Tensor | None:
     mask = getattr(model, "attn_mask", None)
     return None if mask is None else mask[:length, :length]
+
+
+def text_tower(model: nn.Module, x: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+    """open_clip's text encoder after the token embedding, over the first `x.shape[1]` positions only."""
+    length = x.shape[1]
+    x = x + model.positional_embedding[:length].to(x.dtype)
+    x = model.transformer(x, attn_mask=causal_mask(model, length))
+    x = model.ln_final(x)
+    return project_text(model, x[torch.arange(x.shape[0], device=x.device), eot])

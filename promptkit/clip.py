@@ -173,11 +173,7 @@ class FrozenCLIP(nn.Module):
             x = model.token_embedding(tokens[rows, :length]).to(self.dtype)
         finally:
             self.text_rows = None
-        x = x + model.positional_embedding[:length].to(self.dtype)
-        x = model.transformer(x, attn_mask=_compat.causal_mask(model, length))
-        x = model.ln_final(x)
-        pooled = x[torch.arange(x.shape[0], device=x.device), eot]
-        return _compat.project_text(model, pooled)
+        return _compat.text_tower(model, x, eot)
 
     @torch.no_grad()
     def zero_shot_text_features(self, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:

@@ -1,0 +1,336 @@
+"""PromptTrainer: trains only a learner's prompt parameters; fast, resumable, single or multi-process."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..checkpoint import WEIGHTS_NAME, load_json, load_tensors, save_json, save_tensors
+from ..metrics import classification_metrics
+from . import distributed
+from .config import TrainConfig
+
+CHECKPOINT = "checkpoint"
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class PromptTrainer:
+    """Trains `learner.prompt_parameters()` and nothing else.
+
+    The loss is `learner.training_loss(...)`: methods add their terms there, never here. Text
+    features are computed once per step (inside the loss) and once per evaluation; image features
+    are encoded once per image when the learner's image path carries no prompt (see
+    `TrainConfig.cache_image_features`).
+
+    Args:
+        learner: a `PromptLearner`.
+        config: a `TrainConfig` (default: CoOp's recipe).
+    """
+
+    def __init__(self, learner, config: TrainConfig | None = None):
+        self.learner, self.config = learner, config or TrainConfig()
+        name = self.config.device
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+        self.rank, self.world = distributed.setup(self.device)
+        if self.device.type == "cuda" and self.world > 1:
+            self.device = torch.device("cuda", self.rank % torch.cuda.device_count())
+        self.learner.to(self.device)
+        self.out = Path(self.config.output_dir) if self.config.output_dir else None
+        self.history: list[dict] = []
+
+    # -- public ------------------------------------------------------------------------------------
+    def fit(self, train_dataset, val_dataset=None, resume: bool = False) -> dict:
+        """Trains for `config.epochs`; with `resume=True` continues from `output_dir/checkpoint`.
+        Returns the last evaluation (or training) metrics."""
+        cfg, learner = self.config, self.learner
+        labels = self._check_dataset(train_dataset)
+        if cfg.batch_size % (self.world * cfg.grad_accum_steps):
+            raise ValueError(f"batch_size {cfg.batch_size} must split evenly over {self.world} processes x "
+                             f"{cfg.grad_accum_steps} accumulation steps")
+        params = learner.prompt_parameters()
+        if not params:
+            raise ValueError(f"{learner.method or type(learner).__name__} has no prompt parameters to train")
+        optimizer = self._optimizer(params)
+        scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16" and self.device.type == "cuda")
+        start_epoch, step, best = 0, 0, None
+        if resume:
+            start_epoch, step, best = self._load_checkpoint(optimizer, scaler)
+        features = self._cache_features(train_dataset) if self._use_cache() else None
+        n = len(labels)
+        batch = min(cfg.batch_size, n - n % self.world) if n < cfg.batch_size else cfg.batch_size
+        steps_per_epoch = n // batch
+        self._log_line(f"training {learner.method}: {sum(p.numel() for p in params)} prompt parameters, {n} images, "
+                       f"{steps_per_epoch} steps/epoch, {self.world} process(es), image-feature cache: "
+                       f"{'on, %d pass(es)' % cfg.cache_passes if features is not None else 'off'}")
+        metrics = {}
+        for epoch in range(start_epoch, cfg.epochs):
+            learner.train()
+            for group in optimizer.param_groups:
+                group["lr"] = self.lr_at(epoch)
+            torch.manual_seed(cfg.seed * 100003 + epoch)  # all randomness of an epoch: f(seed, epoch)
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+            bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                       disable=not (cfg.progress and distributed.is_main()))
+            seen, correct, loss_sum, tic = 0, torch.zeros(()), torch.zeros(()), time.time()
+            for i in bar:
+                global_batch = order[i * batch:(i + 1) * batch]
+                local = global_batch.view(self.world, -1)[self.rank]
+                loss, n_correct = self._step(optimizer, scaler, params, local, labels, features, train_dataset,
+                                             epoch, step)
+                step += 1
+                seen += len(global_batch)
+                loss_sum += loss.detach().cpu() * len(local)
+                correct += n_correct.cpu()
+                if cfg.log_every and step % cfg.log_every == 0:
+                    bar.set_postfix(loss=f"{loss.item():.4f}", acc=f"{100 * correct.item() / max(seen // self.world, 1):.1f}",
+                                    img_s=f"{seen / (time.time() - tic):.0f}")
+            learner.on_epoch_end(epoch + 1, cfg.epochs)
+            local_seen = max(seen // self.world, 1)
+            metrics = {"epoch": epoch + 1, "step": step, "lr": self.lr_at(epoch),
+                       "train_loss": loss_sum.item() / local_seen, "train_top1": 100 * correct.item() / local_seen,
+                       "images_per_s": seen / max(time.time() - tic, 1e-9)}
+            last = epoch + 1 == cfg.epochs
+            if val_dataset is not None and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
+                val = self.evaluate(val_dataset)
+                metrics.update({f"val_{k}": v for k, v in val.items() if k in ("top1", "top5", "macro_f1", "ece")})
+                best = val["top1"] if best is None else max(best, val["top1"])
+            self._log_metrics(metrics)
+            if self.out and (last or (cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0)):
+                self._save_checkpoint(optimizer, scaler, epoch + 1, step, best)
+        if self.out and distributed.is_main():
+            learner.save_pretrained(self.out / "prompts")
+            self._log_line(self.summary())
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, dataset) -> dict:
+        """`top1`, `top5`, `macro_f1`, `per_class`, `ece` (percent), `nll`, `n`. Text features once per
+        evaluation; under torchrun each rank evaluates a shard and the results are gathered."""
+        learner, cfg = self.learner, self.config
+        self._check_dataset(dataset)
+        learner.eval()
+        index = torch.arange(self.rank, len(dataset), self.world)
+        with self._autocast():
+            text = learner.text_features()
+            logits, labels = [], []
+            for images, targets in self._loader(dataset, index.split(cfg.eval_batch_size)):
+                images = images.to(self.device, non_blocking=True)
+                logits.append(learner(images, text_features=text).float())
+                labels.append(targets.to(self.device))
+        logits = distributed.gather_cat(torch.cat(logits))
+        labels = distributed.gather_cat(torch.cat(labels))
+        return classification_metrics(logits, labels, n_bins=cfg.ece_bins)
+
+    def lr_at(self, epoch: int) -> float:
+        """Learning rate of a 0-based epoch: constant warm-up, then cosine over all epochs (as CoOp/Dassl)."""
+        cfg = self.config
+        if epoch < cfg.warmup_epochs:
+            return cfg.warmup_lr
+        if cfg.scheduler == "constant":
+            return cfg.lr
+        return 0.5 * cfg.lr * (1 + math.cos(math.pi * epoch / cfg.epochs))
+
+    def summary(self) -> str:
+        rows = [h for h in self.history]
+        if not rows:
+            return "no epochs run"
+        keys = [k for k in ("epoch", "train_loss", "train_top1", "val_top1", "val_ece", "images_per_s") if k in rows[-1]]
+        lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        for h in rows[-min(len(rows), 5):]:
+            lines.append("| " + " | ".join(f"{h[k]:.4g}" if isinstance(h[k], float) else str(h[k]) for k in keys) + " |")
+        return "\n".join(lines)
+
+    # -- steps ---------------------------------------------------------------------------------------
+    def _step(self, optimizer, scaler, params, local, labels, features, dataset, epoch, step):
+        cfg, learner = self.config, self.learner
+        optimizer.zero_grad(set_to_none=True)
+        total, n_correct = torch.zeros((), device=self.device), torch.zeros((), dtype=torch.long, device=self.device)
+        for micro in local.chunk(cfg.grad_accum_steps):
+            y = labels[micro].to(self.device)
+            with self._autocast():
+                if features is not None:
+                    out = learner.training_loss(y, image_features=features[epoch % len(features)][micro].to(self.device))
+                else:
+                    images = torch.stack([dataset[int(i)][0] for i in micro]).to(self.device)
+                    out = learner.training_loss(y, images)
+            loss = out.loss / cfg.grad_accum_steps
+            scaler.scale(loss).backward()
+            total += loss.detach()
+            n_correct += (out.logits.detach().argmax(-1) == y).sum()
+        if not torch.isfinite(total):  # one host sync per step: a bad update must never be applied
+            if cfg.nan_policy == "skip":
+                warnings.warn(f"non-finite loss {total.item()} at step {step + 1} (epoch {epoch + 1}): step skipped")
+                optimizer.zero_grad(set_to_none=True)
+                return total, n_correct
+            raise NonFiniteLossError(
+                f"loss is {total.item()} at step {step + 1} (epoch {epoch + 1}); the last good checkpoint in "
+                f"{self.out / CHECKPOINT if self.out else '(no output_dir)'} is kept. Lower the learning rate, use "
+                f"fp32/bf16, set grad_clip, or set nan_policy='skip'.")
+        distributed.average_gradients(params)
+        if cfg.grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        return total, n_correct
+
+    def _optimizer(self, params):
+        cfg = self.config
+        if cfg.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def _autocast(self):
+        cfg = self.config
+        enabled = cfg.precision != "fp32" and self.device.type == "cuda"
+        dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype, enabled=enabled)
+
+    def _use_cache(self) -> bool:
+        setting = self.config.cache_image_features
+        if setting is True and self.learner.image_prompted:
+            raise ValueError(f"cache_image_features=True but {self.learner.method} puts prompts into the image "
+                             f"encoder, so its image features change every step; use 'auto' or False")
+        return bool(setting) and not self.learner.image_prompted
+
+    @torch.no_grad()
+    def _cache_features(self, dataset) -> torch.Tensor:
+        """[passes, N, D] image features, each image encoded once per pass (every rank encodes all)."""
+        self.learner.eval()
+        passes = []
+        for p in range(self.config.cache_passes):
+            torch.manual_seed(self.config.seed * 7919 + p)
+            chunks = []
+            with self._autocast():
+                for images, _ in self._loader(dataset, torch.arange(len(dataset)).split(self.config.eval_batch_size)):
+                    chunks.append(self.learner.encode_image(images.to(self.device)).float())
+            passes.append(torch.cat(chunks))
+        return torch.stack(passes)
+
+    def _loader(self, dataset, batches):
+        return DataLoader(dataset, batch_sampler=[b.tolist() for b in batches], num_workers=self.config.num_workers,
+                          pin_memory=self.device.type == "cuda")
+
+    def _check_dataset(self, dataset) -> torch.Tensor:
+        if len(dataset) == 0:
+            raise ValueError("the dataset is empty")
+        names = getattr(dataset, "classnames", None)
+        n_classes = self.learner.n_classes
+        if names is not None and len(names) != n_classes:
+            raise ValueError(f"the dataset has {len(names)} classes but the learner was built for {n_classes}; "
+                             f"build the learner with the dataset's classnames")
+        targets = getattr(dataset, "targets", None)
+        labels = torch.as_tensor(targets if targets is not None else [dataset[i][1] for i in range(len(dataset))])
+        if labels.min() < 0 or labels.max() >= n_classes:
+            raise ValueError(f"labels must be in [0, {n_classes}); found [{int(labels.min())}, {int(labels.max())}]")
+        return labels.long()
+
+    # -- checkpoints and logs ---------------------------------------------------------------------------
+    def _save_checkpoint(self, optimizer, scaler, epoch, step, best) -> None:
+        """Writes a complete new checkpoint directory, then swaps it in: a kill at any moment leaves a
+        loadable checkpoint (`checkpoint/`, or `checkpoint.old/` during the swap)."""
+        if not distributed.is_main():
+            return
+        final, old = self.out / CHECKPOINT, self.out / f"{CHECKPOINT}.old"
+        tmp = self.out / f"{CHECKPOINT}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_tensors(self.learner.prompt_state_dict(), tmp / WEIGHTS_NAME)
+        state = optimizer.state_dict()
+        tensors = {f"{i}.{k}": v for i, s in state["state"].items() for k, v in s.items() if torch.is_tensor(v)}
+        save_tensors(tensors, tmp / "optimizer.safetensors")
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        save_tensors(rng, tmp / "rng_state.safetensors")
+        save_json({"epoch": epoch, "global_step": step, "best_metric": best, "config": self.config.to_dict(),
+                   "method": self.learner.method, "optimizer_param_groups": state["param_groups"],
+                   "scheduler": {"last_epoch": epoch, "lr": self.lr_at(max(epoch - 1, 0))},
+                   "scaler": scaler.state_dict() if scaler.is_enabled() else None, "history": self.history},
+                  tmp / "trainer_state.json")
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def _load_checkpoint(self, optimizer, scaler) -> tuple[int, int, float | None]:
+        directory = self.out / CHECKPOINT if self.out else None
+        if directory is not None and not directory.exists() and (self.out / f"{CHECKPOINT}.old").exists():
+            directory = self.out / f"{CHECKPOINT}.old"  # killed during the swap
+        if directory is None or not (directory / "trainer_state.json").exists():
+            warnings.warn(f"resume=True but no checkpoint in {self.out}; starting from scratch")
+            return 0, 0, None
+        state = load_json(directory / "trainer_state.json")
+        if state.get("method") != self.learner.method:
+            raise ValueError(f"checkpoint in {directory} is for method {state.get('method')!r}, "
+                             f"not {self.learner.method!r}")
+        self.learner.load_prompt_state_dict(load_tensors(directory / WEIGHTS_NAME))
+        tensors = load_tensors(directory / "optimizer.safetensors")
+        per_param: dict = {}
+        for key, value in tensors.items():
+            index, name = key.split(".", 1)
+            per_param.setdefault(int(index), {})[name] = value.to(self.device)
+        optimizer.load_state_dict({"state": per_param, "param_groups": state["optimizer_param_groups"]})
+        rng = load_tensors(directory / "rng_state.safetensors")
+        torch.set_rng_state(rng["cpu"])
+        if state.get("scaler") and scaler.is_enabled():
+            scaler.load_state_dict(state["scaler"])
+        self.history = state.get("history", [])
+        self._log_line(f"resumed from {directory}: {state['epoch']} epochs done, step {state['global_step']}")
+        return state["epoch"], state["global_step"], state.get("best_metric")
+
+    def _log_metrics(self, metrics: dict) -> None:
+        self.history.append(metrics)
+        if not distributed.is_main():
+            return
+        self._log_line(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+        if not self.out:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        path = self.out / "metrics.csv"
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(metrics), extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow(metrics)
+        writer = self._tensorboard()
+        if writer is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and k != "epoch":
+                    writer.add_scalar(k, v, metrics["epoch"])
+            writer.flush()
+
+    def _tensorboard(self):
+        if not hasattr(self, "_tb"):
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.out / "tensorboard"))
+            except ImportError:
+                self._tb = None
+        return self._tb
+
+    def _log_line(self, text: str) -> None:
+        if not distributed.is_main():
+            return
+        if self.config.progress:
+            tqdm.write(text)
+        if self.out:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with open(self.out / "train.log", "a") as f:
+                f.write(text + "\n")
