@@ -1,0 +1,62 @@
+"""`promptkit tta`: test-time adaptation over a dataset; prints top-1, top-5 and ECE."""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from ..training.cli import add_model_and_data_args, load_model, load_split
+
+
+def configure(parser: argparse.ArgumentParser, command: str) -> None:
+    add_model_and_data_args(parser)
+    parser.add_argument("--method", default="tpt", help="tpt, ctpt, zero or tda")
+    parser.add_argument("--load", default=None, help="save_pretrained prompts to start from (default: zero-shot "
+                                                     "CLIP, as a CoOp context 'a photo of a' for TPT/C-TPT)")
+    parser.add_argument("--split", default=None, help="split to adapt on (default: test; 'shifted' for procedural)")
+    parser.add_argument("--batch-size", type=int, default=16, help="test images adapted at once")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N images (in a seeded order)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="adapter keywords, e.g. steps=1 n_views=64")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import load_pretrained
+    from ..learners import CoOp, ZeroShotCLIP
+    from ..metrics import classification_metrics
+    from ..registry import ADAPTERS
+    from ..training.config import parse_overrides
+    from . import TDA  # noqa: F401  (registers the adapters)
+
+    clip = load_model(args)
+    split = args.split or ("shifted" if args.data == "procedural" else "test")
+    if args.data != "procedural" and not args.split_json:
+        from ..training.cli import _folder
+        dataset = _folder(args, clip)
+    else:
+        dataset = load_split(args, clip, split)
+    adapter_cls = ADAPTERS.get(args.method)
+    if args.load:
+        learner = load_pretrained(args.load, clip, classnames=dataset.classnames)
+    elif adapter_cls.method in ("tpt", "ctpt"):
+        learner = CoOp(clip, dataset.classnames, ctx_init="a photo of a")
+    else:
+        learner = ZeroShotCLIP(clip, dataset.classnames)
+    adapter = adapter_cls(learner, **parse_overrides(args.overrides))
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:args.limit]
+    logits, labels, start = [], [], time.time()
+    bar = tqdm(order.split(args.batch_size), desc=f"{args.method} on {split}", unit="batch")
+    for batch in bar:
+        images = torch.stack([dataset[int(i)][0] for i in batch]).to(clip.device)
+        logits.append(adapter(images).detach().float().cpu())
+        labels += [dataset.targets[int(i)] for i in batch]
+        done = sum(len(x) for x in logits)
+        bar.set_postfix(img_s=f"{done / (time.time() - start):.1f}")
+    metrics = classification_metrics(torch.cat(logits), torch.tensor(labels))
+    seconds = time.time() - start
+    print(json.dumps({"method": args.method, "split": split, "top1": round(metrics["top1"], 2),
+                      "top5": round(metrics["top5"], 2), "ece": round(metrics["ece"], 2), "n": metrics["n"],
+                      "images_per_s": round(metrics["n"] / seconds, 2)}))
+    return 0
