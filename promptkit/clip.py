@@ -141,9 +141,10 @@ class FrozenCLIP(nn.Module):
         return _compat.eot_index(self.model, tokens)
 
     # -- encoders ----------------------------------------------------------------------------
-    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """Image features [B, D]; visual prompt hooks active in the caller's scope apply."""
-        features = self.model.encode_image(images.to(self.device, self.dtype))
+    def encode_image(self, images: torch.Tensor, normalize: bool = True, hooks: Sequence[Hook] = ()) -> torch.Tensor:
+        """Image features [B, D]; `hooks` (e.g. visual prompts) are active while encoding."""
+        with inject(hooks):
+            features = self.model.encode_image(images.to(self.device, self.dtype))
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True, hooks: Sequence[Hook] = ()) -> torch.Tensor:

@@ -62,7 +62,7 @@ def zero_shot_report(model) -> dict:
     report = {}
     for name, kwargs in [("test", {}), ("shifted", {})] + [(d, {"domain": d}) for d in DOMAINS[1:]] + [
             ("base", {"classes": "base"}), ("novel", {"classes": "novel"})]:
-        data = bench.split("shifted" if name in DOMAINS else "test", **kwargs)
+        data = bench.split("shifted" if name in DOMAINS or name == "shifted" else "test", **kwargs)
         text = clip.zero_shot_text_features(data.classnames, ["a photo of a {}."])
         predictions = (clip.encode_image(data.images) @ text.t()).argmax(-1)
         report[name] = round(100 * (predictions == torch.tensor(data.targets)).float().mean().item(), 2)

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 import promptkit
 from conftest import assert_unchanged, snapshot
 
-SMALL = {"coop": dict(n_ctx=4)}
+SMALL = {"coop": dict(n_ctx=4), "prograd": dict(n_ctx=4), "vpt": dict(n_tokens=4),
+         "promptsrc": dict(templates=["a photo of a {}.", "itap of a {}."])}
 
 
 def build(name, clip, classnames):

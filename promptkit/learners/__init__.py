@@ -1,6 +1,13 @@
 """Built-in methods; importing this package registers them."""
 from .base import LossOutput, PromptLearner
+from .cocoop import CoCoOp
 from .coop import CoOp
+from .ivlp import IVLP, MaPLe
+from .kgcoop import KgCoOp
+from .prograd import ProGrad
+from .promptsrc import PromptSRC
+from .vpt import VPT
 from .zeroshot import ZeroShotCLIP
 
-__all__ = ["LossOutput", "PromptLearner", "CoOp", "ZeroShotCLIP"]
+__all__ = ["LossOutput", "PromptLearner", "ZeroShotCLIP", "CoOp", "CoCoOp", "KgCoOp", "ProGrad", "VPT", "IVLP",
+           "MaPLe", "PromptSRC"]

@@ -1,0 +1,42 @@
+"""VPT: Visual Prompt Tuning (Jia et al., ECCV 2022), on CLIP's vision transformer."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..registry import register_method
+from .deep import check_depth, visual_prompt_hooks, vpt_init
+from .zeroshot import ZeroShotCLIP
+
+
+@register_method("vpt")
+class VPT(ZeroShotCLIP):
+    """Learnable tokens after CLS in the vision transformer; the text side is CLIP's fixed
+    hand-crafted prompts (template ensemble supported, encoded once).
+
+    Args:
+        clip: the frozen model (ViT image tower).
+        classnames: class names in label order.
+        n_tokens: prompt tokens per layer (VPT uses 1-200 depending on the task; 8 here).
+        depth: 1 = shallow (tokens at the input only); L = deep (fresh tokens at each of the first L
+            layers, replacing the previous layer's prompt outputs). None: every layer.
+        templates: hand-crafted templates for the class text features.
+    """
+
+    image_prompted = True
+
+    def __init__(self, clip, classnames: Sequence[str], n_tokens: int = 8, depth: int | None = None,
+                 templates: Sequence[str] = ("a photo of a {}.",)):
+        clip.require_vit("VPT")
+        super().__init__(clip, classnames, templates)
+        layers = len(clip.vision_blocks)
+        depth = layers if depth is None else depth
+        check_depth(depth, layers, "VPT")
+        patch = clip.model.visual.patch_size
+        patch = patch[0] if isinstance(patch, (tuple, list)) else patch
+        self.prompt_tokens = nn.Parameter(vpt_init(n_tokens, clip.vision_width, patch, depth if n_tokens else 0))
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.clip.encode_image(images, hooks=visual_prompt_hooks(self.clip, list(self.prompt_tokens)))
