@@ -10,7 +10,7 @@ import promptkit
 from promptkit.learners import IVLP, VPT, CoCoOp, KgCoOp, MaPLe, ProGrad, PromptSRC
 from conftest import assert_unchanged, snapshot
 
-VISUAL = ["vpt", "ivlp", "maple", "promptsrc"]
+VISUAL = ["vpt", "ivlp", "maple", "promptsrc", "cavpt"]
 
 
 def test_vpt_without_tokens_is_zero_shot(vit_clip, classnames, images):
@@ -199,3 +199,31 @@ def test_promptsrc_gaussian_prompt_aggregation(vit_clip, classnames):
     expected = sum(w * v for w, v in zip(raw, values)) / sum(raw)
     torch.testing.assert_close(learner.ctx.detach(), torch.full_like(learner.ctx, expected))
     assert learner.gpa_weights(4) == pytest.approx([w / sum(raw) for w in raw])
+
+
+def test_cavpt_without_visual_parts_is_coop(vit_clip, classnames, images):
+    torch.manual_seed(0)
+    cavpt = promptkit.create_learner("cavpt", vit_clip, classnames, n_ctx=4, n_vpt=0, class_aware_layers=0)
+    coop = promptkit.CoOp(vit_clip, classnames, n_ctx=4)
+    with torch.no_grad():
+        coop.ctx.copy_(cavpt.ctx)
+        torch.testing.assert_close(cavpt(images), coop(images), atol=1e-5, rtol=0)
+
+
+def test_cavpt_class_aware_prompts_and_aux_loss(vit_clip, classnames, images):
+    torch.manual_seed(0)
+    cavpt = promptkit.create_learner("cavpt", vit_clip, classnames, n_ctx=4, n_vpt=2, class_aware_layers=2,
+                                     top_k=len(classnames))
+    seen, handles = _record_block_inputs(vit_clip.vision_blocks, vit_clip.vision_batch_first)
+    try:
+        out = cavpt.training_loss(torch.tensor([0, 1, 2]), images)
+    finally:
+        for h in handles:
+            h.remove()
+    n_patches = (32 // 8) ** 2
+    assert [seen[i].shape[1] for i in range(3)] == [1 + 2 + n_patches] + [1 + len(classnames) + n_patches] * 2
+    assert "aux" in out.terms  # top_k = all classes: the true class is always among them
+    out.loss.backward()
+    for name, p in cavpt.named_parameters():
+        if not name.startswith("clip."):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name

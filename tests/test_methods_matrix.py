@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import promptkit
 from conftest import assert_unchanged, snapshot
 
-SMALL = {"coop": dict(n_ctx=4), "prograd": dict(n_ctx=4), "vpt": dict(n_tokens=4),
+SMALL = {"coop": dict(n_ctx=4), "prograd": dict(n_ctx=4), "vpt": dict(n_tokens=4), "cavpt": dict(n_ctx=4, n_vpt=2, class_aware_layers=2, top_k=3),
          "promptsrc": dict(templates=["a photo of a {}.", "itap of a {}."])}
 
 

@@ -1,5 +1,6 @@
 """Built-in methods; importing this package registers them."""
 from .base import LossOutput, PromptLearner
+from .cavpt import CAVPT
 from .cocoop import CoCoOp
 from .coop import CoOp
 from .ivlp import IVLP, MaPLe
@@ -10,4 +11,4 @@ from .vpt import VPT
 from .zeroshot import ZeroShotCLIP
 
 __all__ = ["LossOutput", "PromptLearner", "ZeroShotCLIP", "CoOp", "CoCoOp", "KgCoOp", "ProGrad", "VPT", "IVLP",
-           "MaPLe", "PromptSRC"]
+           "MaPLe", "PromptSRC", "CAVPT"]

@@ -1,0 +1,131 @@
+"""CAVPT: class-aware visual prompt tuning, the visual half of DPT (Xing et al., "Dual Modality Prompt
+Tuning for Vision-Language Pre-Trained Model", IEEE TMM 2023)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..hooks import Hook
+from ..registry import register_method
+from .base import LossOutput
+from .coop import CoOp
+
+
+class ClassAwarePrompts(nn.Module):
+    """One class-aware layer: the top-K classes' text features, mapped to the vision width, attend over
+    the layer's image tokens (plus learnable key/value tokens) and become K prompt tokens; a linear
+    classifier on them gives the auxiliary class-aware logits."""
+
+    def __init__(self, embed_dim: int, width: int, n_classes: int, n_kv: int, attn_dim: int):
+        super().__init__()
+        self.text_to_width = nn.Linear(embed_dim, width)
+        self.q, self.k = nn.Linear(width, attn_dim, bias=False), nn.Linear(width, attn_dim, bias=False)
+        self.v = nn.Linear(width, width, bias=False)
+        self.kv_tokens = nn.Parameter(torch.randn(n_kv, width) * 0.02)
+        self.norm_logits, self.norm_out = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.classifier = nn.Linear(width, n_classes, bias=False)
+
+    def forward(self, image_tokens: torch.Tensor, class_text: torch.Tensor):
+        """image_tokens [B, N, W] (not differentiated, as in the authors' code), class_text [B, K, D]
+        -> prompts [B, K, W], logits [B, K, C]."""
+        query = self.text_to_width(class_text.to(self.kv_tokens.dtype))
+        keys = torch.cat([image_tokens.detach().to(query.dtype), self.kv_tokens.expand(len(query), -1, -1)], dim=1)
+        attention = (self.q(query) @ self.k(keys).transpose(1, 2) / self.q.out_features ** 0.5).softmax(-1)
+        out = self.v(attention @ keys)
+        return self.norm_out(out + query), self.classifier(self.norm_logits(out))
+
+
+@register_method("cavpt")
+class CAVPT(CoOp):
+    """CoOp text context + deep VPT tokens in the lower vision layers + class-aware visual prompts in the
+    top `class_aware_layers` layers, built from the learned text features of the `top_k` classes that
+    frozen zero-shot CLIP ranks highest for the image. Loss = CE + `aux_weight` x CE of the per-layer
+    class-aware classifiers, counted on the prompt of the true class when it is among the top K.
+
+    As in the authors' code (fanrena/DPT): prompt tokens are added after `ln_pre`, fresh at every layer
+    and dropped after it; keys/values are the layer's image tokens (detached) plus 10 learnable tokens;
+    query/key maps to 32 dims. Differences: the class-text input is the normalised learned text
+    feature (the eval loop shares it), and the authors' optional first-stage losses are not used.
+    Defaults: 16 context tokens, 10 VPT tokens, class-aware prompts in the top 3 layers, K = 10,
+    auxiliary weight 0.3.
+    """
+
+    image_prompted = True
+
+    def __init__(self, clip, classnames: Sequence[str], n_ctx: int = 16, ctx_init: str | None = None,
+                 class_specific: bool = False, class_token_position: str = "end", init_std: float = 0.02,
+                 n_vpt: int = 10, class_aware_layers: int = 3, top_k: int = 10, n_kv: int = 10,
+                 attn_dim: int = 32, aux_weight: float = 0.3, templates: Sequence[str] = ("a photo of a {}.",)):
+        clip.require_vit("CAVPT")
+        super().__init__(clip, classnames, n_ctx, ctx_init, class_specific, class_token_position, init_std)
+        layers = len(clip.vision_blocks)
+        if not 0 <= class_aware_layers <= layers:
+            raise ValueError(f"class_aware_layers must be in [0, {layers}], got {class_aware_layers}")
+        self.top_k, self.aux_weight = min(top_k, self.n_classes), aux_weight
+        device = self.ctx.device
+        self.vpt = nn.Parameter(torch.randn(layers - class_aware_layers if n_vpt else 0, n_vpt, clip.vision_width,
+                                            device=device) * 0.02)
+        self.class_aware = nn.ModuleList(
+            ClassAwarePrompts(clip.embed_dim, clip.vision_width, self.n_classes, n_kv, attn_dim)
+            for _ in range(class_aware_layers)).to(device)
+        self.register_buffer("zero_shot_text", clip.zero_shot_text_features(self.classnames, list(templates)),
+                             persistent=False)
+
+    def _encode(self, images: torch.Tensor, text: torch.Tensor):
+        """Prompted image features [B, D], per-layer class-aware logits [B, layers, K, C] and top-K classes [B, K]."""
+        clip = self.clip
+        with torch.no_grad():
+            top = (clip.encode_image(images) @ self.zero_shot_text.t()).topk(self.top_k, dim=-1).indices
+        class_text = text[top]                                                  # [B, K, D]
+        prompt_counts = [self.vpt.shape[1]] * len(self.vpt) + [self.top_k] * len(self.class_aware)
+        layer_logits = []
+
+        def swap(layer, make):
+            def hook(module, args, kwargs):
+                x = args[0] if clip.vision_batch_first else args[0].transpose(0, 1)
+                tokens = torch.cat([x[:, :1], x[:, 1 + (prompt_counts[layer - 1] if layer else 0):]], dim=1)
+                x = torch.cat([tokens[:, :1], make(tokens).to(x.dtype), tokens[:, 1:]], dim=1)
+                return ((x if clip.vision_batch_first else x.transpose(0, 1)),) + tuple(args[1:]), kwargs
+            return Hook(clip.vision_blocks[layer], hook, pre=True)
+
+        def class_aware(module):
+            def make(tokens):
+                prompts, logits = module(tokens, class_text)
+                layer_logits.append(logits)
+                return prompts
+            return make
+
+        hooks = [swap(i, lambda tokens, p=p: p.expand(len(tokens), -1, -1)) for i, p in enumerate(self.vpt)]
+        hooks += [swap(len(self.vpt) + j, class_aware(m)) for j, m in enumerate(self.class_aware)]
+        features = clip.encode_image(images, hooks=hooks)
+        stacked = torch.stack(layer_logits, 1) if layer_logits else None
+        return features, stacked, top
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self._encode(images, self.text_features())[0]
+
+    def forward(self, images=None, *, image_features=None, text_features=None) -> torch.Tensor:
+        text = self.text_features() if text_features is None else text_features
+        if image_features is None:
+            image_features = self._encode(images, text)[0]
+        return self.logits(image_features, text)
+
+    def training_loss(self, labels, images=None, *, image_features=None) -> LossOutput:
+        text = self.text_features()
+        features, layer_logits, top = self._encode(images, text)
+        logits = self.logits(features, text)
+        ce = F.cross_entropy(logits.float(), labels)
+        terms = {"ce": ce.detach()}
+        loss = ce
+        if layer_logits is not None:
+            hit = (top == labels[:, None])                                           # [B, K]
+            chosen = layer_logits.permute(0, 2, 1, 3)[hit]                            # [hits, layers, C]
+            if len(chosen):
+                target = labels[:, None].expand_as(top)[hit].repeat_interleave(chosen.shape[1])
+                aux = F.cross_entropy(chosen.flatten(0, 1).float(), target)
+                loss = loss + self.aux_weight * aux
+                terms["aux"] = aux.detach()
+        return LossOutput(loss, logits, terms)
