@@ -1,0 +1,97 @@
+"""Every registered method: time per training iteration (training_loss forward + backward) and peak memory.
+
+    python benchmarks/methods.py [--arch ViT-B-32] [--classes 100] [--batch 8] [--iters 2]
+
+Random weights (no download), same images for all; each method runs in its own process. Methods
+whose image path carries no prompt can use the trainer's image-feature cache: their time is given
+with cached features (what PromptTrainer does), the others encode the batch every step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+# Constructor keywords that keep the benchmark's one-off set-up short (noted in the table).
+SETUP = {"promptsrc": {"templates": ["itap of a {}.", "a bad photo of the {}.", "a origami {}.",
+                                     "a photo of the large {}.", "a {} in a video game.", "art of the {}.",
+                                     "a photo of the small {}."]}}
+
+
+def worker(cfg: dict) -> dict:
+    import promptkit
+    from common import peak_memory_mb
+
+    torch.manual_seed(0)
+    torch.set_num_threads(cfg["threads"])
+    device = torch.device(cfg["device"])
+    clip = promptkit.load_clip(cfg["arch"], device=device)
+    names = [f"class number {i}" for i in range(cfg["classes"])]
+    size = clip.model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    images = torch.randn(cfg["batch"], 3, size, size, device=device)
+    labels = torch.arange(cfg["batch"], device=device) % cfg["classes"]
+    start = time.perf_counter()
+    learner = promptkit.create_learner(cfg["method"], clip, names, **SETUP.get(cfg["method"], {})).to(device)
+    setup = time.perf_counter() - start
+    cached = not learner.image_prompted
+    with torch.no_grad():
+        features = learner.encode_image(images) if cached else None
+
+    def step():
+        if cached:
+            out = learner.training_loss(labels, image_features=features)
+        else:
+            out = learner.training_loss(labels, images)
+        if out.loss.requires_grad:
+            out.loss.backward()
+
+    if cfg["method"] == "zeroshot":
+        def step():  # nothing to train: one evaluation forward
+            with torch.no_grad():
+                learner(image_features=features)
+    step()
+    start = time.perf_counter()
+    for _ in range(cfg["iters"]):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return {"s_per_iter": (time.perf_counter() - start) / cfg["iters"], "setup_s": setup,
+            "peak_mb": peak_memory_mb(device), "cache": cached,
+            "params": sum(p.numel() for p in learner.prompt_parameters())}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="ViT-B-32")
+    parser.add_argument("--classes", type=int, default=100)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--iters", type=int, default=2)
+    parser.add_argument("--methods", nargs="*", default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    import promptkit
+    from common import machine, run_isolated, table
+
+    rows = []
+    for method in args.methods or promptkit.list_methods():
+        r = run_isolated(__file__, dict(method=method, arch=args.arch, classes=args.classes, batch=args.batch,
+                                        iters=args.iters, device=args.device, threads=args.threads))
+        rows.append({"method": method, "s/iter": r["s_per_iter"], "peak MB": r["peak_mb"],
+                     "prompt params": r["params"], "image-feature cache": "yes" if r["cache"] else "no",
+                     "set-up s (once)": r["setup_s"]})
+        print(json.dumps(rows[-1]), flush=True)
+    print(f"\n{args.arch}, C={args.classes}, batch {args.batch}, {args.device}; promptsrc with the 7-template "
+          f"ensemble. Machine: {machine()}\n")
+    print(table(rows, list(rows[0])))
+
+
+if __name__ == "__main__":
+    main()
