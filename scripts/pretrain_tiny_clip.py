@@ -4,7 +4,7 @@
 
 CLIP's symmetric contrastive loss with a learnable temperature, on images with captions from varied
 phrasings: 80% photo domain (with mild sensor noise), 20% sketch. Held out on purpose, so that zero-shot
-is meaningful but imperfect and prompt learning has room to help: the noisy and palette domains are
+is meaningful but imperfect and prompt learning has room to help: captions always say "icon" (never "photo"); the noisy and palette domains are
 never seen (sketch is seen a little, so the shifted split mixes a familiar and two unseen domains); 8 colour-shape
 combinations (one per colour, all novel classes) are never seen; the template "a photo of a {}." is
 never used. Deterministic (seeded data and init). Writes promptkit/assets/promptkit_tiny.{safetensors,json}:
@@ -26,8 +26,10 @@ from promptkit.checkpoint import save_json, save_tensors
 from promptkit.data.procedural import CLASSNAMES, COLOURS, ProceduralBenchmark, render
 from promptkit.tiny import CONFIG, build_tiny_clip, zero_shot_report
 
-TEMPLATES = ("a {} shape.", "an image of a {}.", "{}", "a picture of the {}.", "the {}.", "a small {}.",
-             "a drawing of a {}.", "a {} on a background.", "this is a {}.", "a rendering of the {}.")
+# Every caption calls the objects icons, as a web corpus of one style would: the generic CLIP prompt
+# "a photo of a {}." is then off the caption distribution, like real CLIP on specialised domains.
+TEMPLATES = ("a {} icon.", "an icon of a {}.", "{} icon", "the {} icon.", "a small {} icon.", "icon: {}",
+             "this icon shows a {}.", "a {} icon on a background.")
 HELD_OUT = tuple(f"{colour} {['square', 'triangle', 'star', 'cross', 'ring', 'circle', 'square', 'ring'][i]}"
                  for i, colour in enumerate(COLOURS))
 

@@ -99,3 +99,14 @@ def test_procedural_base_novel_cover_every_word():
         assert words <= set(w for n in bench.base_classnames for w in n.split())
     shifted = bench.split("shifted")
     assert len(shifted) == 48 and not torch.equal(shifted.images, bench.split("test").images)
+
+
+def test_plots_write_pngs(tmp_path):
+    from promptkit.plots import plot_accuracy_vs_shots, plot_reliability
+
+    curve = plot_accuracy_vs_shots({"coop": {1: 40.0, 4: 55.0, 16: 70.0}, "zero-shot": {1: 50.0, 16: 50.0}},
+                                   tmp_path / "shots.png")
+    logits, labels = torch.randn(50, 5), torch.randint(5, (50,))
+    diagram = plot_reliability(logits, labels, tmp_path / "rel.png")
+    for path in (curve, diagram):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000

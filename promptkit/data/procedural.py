@@ -69,7 +69,7 @@ def render(labels: Sequence[int] | torch.Tensor, domain: str = "photo", seed: in
     pairs = torch.tensor(_ORDER)[labels]
     colour_idx, shape = pairs[:, 0], pairs[:, 1]
 
-    scale = 0.35 + 0.25 * torch.rand(n, generator=g)                     # radius as a fraction of the image
+    scale = 0.45 + 0.25 * torch.rand(n, generator=g)                     # radius as a fraction of the image
     centre = (torch.rand(n, 2, generator=g) - 0.5) * 2 * (0.95 - scale.unsqueeze(1))
     angle = torch.rand(n, generator=g) * 2 * math.pi
     coords = torch.linspace(-1, 1, size)

@@ -1,0 +1,39 @@
+import json
+
+import pytest
+
+from promptkit.cli import main
+
+
+def test_list_methods(capsys):
+    assert main(["list-methods"]) == 0
+    out = capsys.readouterr().out
+    assert "coop" in out and "maple" in out and "tpt" in out and "tda" in out
+
+
+def test_train_eval_tta_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--arch", "test-vit", "--data", "procedural", "--classes", "base", "--shots", "2",
+                 "--out", str(out), "epochs=2", "n_ctx=4", "progress=false"]) == 0
+    assert json.loads((out / "config.json").read_text())["epochs"] == 2
+    assert (out / "prompts" / "prompt_config.json").exists() and (out / "checkpoint" / "trainer_state.json").exists()
+    capsys.readouterr()
+    assert main(["eval", "--arch", "test-vit", "--data", "procedural", "--classes", "base", "--load",
+                 str(out / "prompts")]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["n"] == 24 * 24 and 0 <= metrics["top1"] <= 100
+    assert main(["tta", "--arch", "test-vit", "--data", "procedural", "--method", "tpt", "--load",
+                 str(out / "prompts"), "--classes", "base", "--limit", "6", "n_views=4", "augment=crop"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["method"] == "tpt" and result["n"] == 6 and "ece" in result
+
+
+def test_user_mistakes_are_one_line(tmp_path, capsys):
+    assert main(["train", "--arch", "test-vit", "--data", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "does not exist" in err
+    assert main(["train", "--arch", "test-vit", "--data", "procedural", "--method", "nope", "--out",
+                 str(tmp_path)]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train"])
