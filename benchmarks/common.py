@@ -47,3 +47,22 @@ def table(rows: list[dict], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def add_common_args(parser) -> None:
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--worker", help="internal: run one measurement")
+
+
+def setup_worker(cfg: dict):
+    """Seeds, threads, device, the random-weight model, C class names, image size."""
+    import promptkit
+
+    torch.manual_seed(0)
+    torch.set_num_threads(cfg["threads"])
+    device = torch.device(cfg["device"])
+    clip = promptkit.load_clip(cfg["arch"], device=device)
+    size = clip.model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    return device, clip, [f"class number {i}" for i in range(cfg["classes"])], size

@@ -22,15 +22,9 @@ SETUP = {"promptsrc": {"templates": ["itap of a {}.", "a bad photo of the {}.", 
 
 def worker(cfg: dict) -> dict:
     import promptkit
-    from common import peak_memory_mb
+    from common import peak_memory_mb, setup_worker
 
-    torch.manual_seed(0)
-    torch.set_num_threads(cfg["threads"])
-    device = torch.device(cfg["device"])
-    clip = promptkit.load_clip(cfg["arch"], device=device)
-    names = [f"class number {i}" for i in range(cfg["classes"])]
-    size = clip.model.visual.image_size
-    size = size[0] if isinstance(size, (tuple, list)) else size
+    device, clip, names, size = setup_worker(cfg)
     images = torch.randn(cfg["batch"], 3, size, size, device=device)
     labels = torch.arange(cfg["batch"], device=device) % cfg["classes"]
     start = time.perf_counter()
@@ -64,15 +58,15 @@ def worker(cfg: dict) -> dict:
 
 
 def main():
+    from common import add_common_args
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="ViT-B-32")
     parser.add_argument("--classes", type=int, default=100)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--iters", type=int, default=2)
     parser.add_argument("--methods", nargs="*", default=None)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    add_common_args(parser)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))

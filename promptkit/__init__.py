@@ -1,6 +1,7 @@
 """promptkit: prompt learning and test-time adaptation on frozen open_clip CLIP models."""
 __version__ = "0.1.0"
 
+from . import data
 from .checkpoint import import_coop_checkpoint, load_pretrained
 from .clip import FrozenCLIP, load_clip
 from .hooks import Hook, inject

@@ -4,7 +4,8 @@
 domain (smooth textured background, position / scale / rotation / lighting jitter) and three
 shifted domains modelling natural distribution shift: `sketch` (coloured outline on paper),
 `noisy` (heavy sensor noise and blur) and `palette` (striped, high-contrast backgrounds with a
-global colour cast). A class is recoverable by a person in every domain.
+global colour cast). A fifth domain, `plain` (flat backgrounds, no noise), is the style of the data
+`promptkit-tiny` was pretrained on. A class is recoverable by a person in every domain.
 
 Class order is fixed: the 24 base classes come first, then the 24 novel ones. Base and novel are
 a checkerboard over (colour, shape), so every colour and every shape occurs in both halves and the
@@ -28,8 +29,8 @@ SHAPES = ("circle", "square", "triangle", "star", "cross", "ring")
 _PAIRS = [(c, s) for c in range(len(COLOURS)) for s in range(len(SHAPES))]
 _ORDER = [p for p in _PAIRS if sum(p) % 2 == 0] + [p for p in _PAIRS if sum(p) % 2 == 1]
 CLASSNAMES: tuple[str, ...] = tuple(f"{list(COLOURS)[c]} {SHAPES[s]}" for c, s in _ORDER)
-DOMAINS = ("photo", "sketch", "noisy", "palette")
-SHIFTED_DOMAINS = DOMAINS[1:]
+DOMAINS = ("photo", "sketch", "noisy", "palette", "plain")
+SHIFTED_DOMAINS = ("sketch", "noisy", "palette")
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's normalisation
 STD = (0.26862954, 0.26130258, 0.27577711)
 _COLOUR_TABLE = torch.tensor(list(COLOURS.values()))
@@ -95,11 +96,14 @@ def render(labels: Sequence[int] | torch.Tensor, domain: str = "photo", seed: in
             hues = torch.rand(n, 3, 2, generator=g)
             t = (stripes.unsqueeze(1) > 0).float()
             background = hues[..., 0, None, None] * t + hues[..., 1, None, None] * (1 - t)
+        elif domain == "plain":
+            background = (torch.rand(n, 3, 1, 1, generator=g) * 0.6 + 0.2).expand(n, 3, size, size)
         else:
             tint = torch.rand(n, 3, 2, generator=g) * 0.6 + 0.2
             t = _smooth_noise(n, size, 4, g)
             background = tint[..., 0, None, None] * t + tint[..., 1, None, None] * (1 - t)
-        background = background + 0.03 * torch.randn(n, 3, size, size, generator=g)
+        if domain != "plain":
+            background = background + 0.03 * torch.randn(n, 3, size, size, generator=g)
         image = background * (1 - alpha) + colour * alpha
         if domain == "palette":
             cast = 0.75 + 0.5 * torch.rand(n, 3, 1, 1, generator=g)

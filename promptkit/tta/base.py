@@ -1,12 +1,13 @@
-"""What all test-time adapters share: view generation and entropy-based confidence selection."""
+"""What the test-time adapters share: view generation, entropy-based confidence selection, autocast."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 from torch import nn
 
-from .augment import as_image_batch, make_views
+from .augment import CLIP_MEAN, CLIP_STD, MODES, as_image_batch, make_views
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -16,36 +17,56 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def select_confident(logits: torch.Tensor, selection: float) -> torch.Tensor:
-    """Indices [B, K] of the K = int(V * selection) lowest-entropy views of logits [B, V, C] (TPT's rule)."""
+    """Indices [B, K] of the K = int(V * selection) lowest-entropy views of logits [B, V, C] (TPT's rule;
+    at least one view)."""
     k = max(1, int(logits.shape[1] * selection))
     return torch.argsort(entropy(logits), dim=1, stable=True)[:, :k]
 
 
 def marginal_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the mean of the softmax over views, in log space: logits [B, K, C] -> [B]."""
+    """Entropy of the mean of the softmax over views, in log space: logits [B, K, C] -> [B].
+    (TPT's `avg_entropy`, including its clamp that keeps 0 * log 0 from becoming NaN.)"""
     log_mean = torch.logsumexp(logits.log_softmax(-1), dim=1) - math.log(logits.shape[1])
+    log_mean = log_mean.clamp(min=torch.finfo(log_mean.dtype).min)
     return -(log_mean.exp() * log_mean).sum(-1)
 
 
-class ViewAdapter(nn.Module):
-    """Base of adapters that look at augmented views of each test image."""
+def gather_views(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """values [B, V, ...] at view indices [B, K] -> [B, K, ...]."""
+    return values[torch.arange(len(values), device=values.device)[:, None], index.to(values.device)]
 
-    def __init__(self, learner, n_views: int = 64, augment: str = "auto", seed: int = 0):
+
+class ViewAdapter(nn.Module):
+    """Base of the adapters that look at augmented views of each test image.
+
+    Args:
+        learner: the prompt learner being adapted (never modified).
+        n_views: views per image, the original included.
+        augment: "crop", "augmix" or "auto": as TPT, plain crops for ImageNet-scale label sets (>= 200
+            classes: ImageNet and its natural-shift variants) and AugMix for fine-grained sets.
+        seed: seed of the view generator (a stream: later batches get new views).
+        autocast: on CUDA, run the encoders under bf16 autocast (fp16 where bf16 is unsupported),
+            as the research code runs under AMP; entropies, losses and the prompt update stay fp32.
+    """
+
+    def __init__(self, learner, n_views: int = 64, augment: str = "auto", seed: int = 0, autocast: bool = True):
         super().__init__()
         if n_views < 1:
-            raise ValueError("n_views must be >= 1")
-        self.learner, self.n_views, self.seed = learner, n_views, seed
-        if augment == "auto":  # TPT: plain crops for ImageNet-scale natural shifts, AugMix for fine-grained sets
+            raise ValueError(f"n_views must be >= 1, got {n_views}")
+        if augment not in MODES:
+            raise ValueError(f"augment must be one of {MODES}, got {augment!r}")
+        if augment == "auto":
             augment = "crop" if learner.n_classes >= 200 else "augmix"
-        self.augment = augment
+        self.learner, self.n_views, self.augment, self.seed, self.autocast = learner, n_views, augment, seed, autocast
         self.generator = torch.Generator().manual_seed(seed)
 
     def views(self, images) -> torch.Tensor:
+        """[B, n_views, 3, H, W] views of PIL images or an image tensor (see `augment.as_image_batch`)."""
         clip = self.learner.clip
         size = clip.model.visual.image_size
         size = size[0] if isinstance(size, (tuple, list)) else size
-        images = as_image_batch(images, clip.preprocess, size).to(clip.device)
         mean, std = _normalisation(clip.preprocess)
+        images = as_image_batch(images, clip.preprocess, size, mean, std).to(clip.device)
         return make_views(images, self.n_views, self.augment, self.generator, mean, std)
 
     def forward(self, images) -> torch.Tensor:
@@ -53,17 +74,28 @@ class ViewAdapter(nn.Module):
         return self.adapt_views(self.views(images))
 
     def adapt_views(self, views: torch.Tensor) -> torch.Tensor:
+        """Logits [B, C] from views [B, V, 3, H, W] (view 0: the un-augmented image)."""
         raise NotImplementedError
+
+    def amp(self):
+        """Autocast context for the encoders (a no-op off CUDA or with autocast=False)."""
+        device = self.learner.clip.device
+        if not (self.autocast and device.type == "cuda"):
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
 
     @torch.no_grad()
     def view_features(self, views: torch.Tensor) -> torch.Tensor:
-        """Image features [B, V, D] of all views, encoded once."""
+        """Normalised image features [B, V, D] (fp32) of all views, encoded once."""
         b, v = views.shape[:2]
-        return self.learner.encode_image(views.flatten(0, 1)).view(b, v, -1)
+        with self.amp():
+            features = self.learner.encode_image(views.flatten(0, 1))
+        return features.float().view(b, v, -1)
 
 
 def _normalisation(preprocess):
     for t in getattr(preprocess, "transforms", []):
         if hasattr(t, "mean") and hasattr(t, "std"):
             return tuple(t.mean), tuple(t.std)
-    return (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    return CLIP_MEAN, CLIP_STD

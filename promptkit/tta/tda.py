@@ -1,93 +1,103 @@
-"""TDA (Karmanov et al., CVPR 2024): training-free dynamic positive and negative caches."""
+"""TDA (Karmanov et al., CVPR 2024, "Efficient Test-Time Adaptation of Vision-Language Models"):
+training-free positive and negative caches of test features."""
 from __future__ import annotations
 
 import math
 
 import torch
-from torch import nn
+import torch.nn.functional as F
 
 from ..registry import register_adapter
-from .base import entropy, select_confident
+from .base import ViewAdapter, entropy, marginal_entropy, select_confident
 
 
 @register_adapter("tda")
-class TDA(nn.Module):
-    """Streams test images through two caches of image features keyed by pseudo-label:
-    a positive cache (the `pos_shots` lowest-entropy samples per predicted class) adds
-    `pos_alpha * exp(-pos_beta (1 - cos)) @ one_hot`; a negative cache of uncertain samples
-    (normalised entropy in `neg_entropy`) subtracts `neg_alpha * exp(-neg_beta (1 - cos)) @ mask`,
-    mask = their probabilities inside `neg_mask`. Defaults are TDA's ImageNet settings. Samples are
-    processed in order, each seeing the caches including itself (as TDA). Call `reset()` between streams.
+class TDA(ViewAdapter):
+    """Streams test images through two caches of image features keyed by pseudo-label. Per image, in
+    order, as the reference code:
+
+    1. logits of the learner; with several views (TDA's ImageNet variants: 64 AugMix views), the
+       `selection` lowest-entropy views are averaged: mean feature (not renormalised), mean logits,
+       mean probabilities, entropy of the mean probabilities;
+    2. the positive cache keeps, per predicted class, the `pos_shots` lowest-entropy features;
+    3. if the entropy divided by log2(C) lies strictly inside `neg_entropy`, the negative cache keeps,
+       per predicted class, the `neg_shots` lowest-entropy features with the mask
+       `neg_mask[0] < probabilities < neg_mask[1]`;
+    4. logits + pos_alpha * exp(-pos_beta (1 - f.k)) @ one_hot(labels)
+              - neg_alpha * exp(-neg_beta (1 - f.k)) @ masks, over the cached features k (the image's
+       own feature included, since the caches are updated first).
+
+    Defaults are TDA's ImageNet configuration (one view per image). Caches persist across calls, so
+    feed one dataset as one stream and call `reset()` before the next.
 
     Args:
-        learner: any learner (its text features are fixed).
+        learner: any learner (its text side is fixed).
         pos_shots, pos_alpha, pos_beta: positive cache capacity per class and weights (3, 1.0, 8.0).
-        neg_shots, neg_alpha, neg_beta: negative cache (2, 0.117, 1.0).
-        neg_entropy: (low, high) normalised-entropy window for the negative cache (0.2, 0.5).
+        neg_shots, neg_alpha, neg_beta: negative cache capacity per class and weights (2, 0.117, 1.0).
+        neg_entropy: (low, high) window of normalised entropy for the negative cache (0.2, 0.5).
         neg_mask: (low, high) probability window of the negative mask (0.03, 1.0).
-        selection: with several views per image, the fraction of confident views averaged (0.1).
+        selection: with several views, the fraction of confident views averaged (0.1).
+        n_views: views per image (1; TDA uses 64 on ImageNet-A/V/R/Sketch).
+        augment: view augmentation when n_views > 1 (TDA: "augmix").
+        seed, autocast: see `ViewAdapter`.
     """
 
     def __init__(self, learner, pos_shots: int = 3, pos_alpha: float = 1.0, pos_beta: float = 8.0,
                  neg_shots: int = 2, neg_alpha: float = 0.117, neg_beta: float = 1.0,
-                 neg_entropy=(0.2, 0.5), neg_mask=(0.03, 1.0), selection: float = 0.1):
-        super().__init__()
-        self.learner = learner
+                 neg_entropy=(0.2, 0.5), neg_mask=(0.03, 1.0), selection: float = 0.1, n_views: int = 1,
+                 augment: str = "augmix", seed: int = 0, autocast: bool = True):
+        super().__init__(learner, n_views, augment, seed, autocast)
+        if pos_shots < 0 or neg_shots < 0:
+            raise ValueError("cache capacities pos_shots and neg_shots must be >= 0")
         self.pos_shots, self.pos_alpha, self.pos_beta = pos_shots, pos_alpha, pos_beta
         self.neg_shots, self.neg_alpha, self.neg_beta = neg_shots, neg_alpha, neg_beta
         self.neg_entropy, self.neg_mask, self.selection = tuple(neg_entropy), tuple(neg_mask), selection
-        self._text = None
         self.reset()
 
     def reset(self) -> None:
-        """Empties both caches (class -> list of (entropy, feature, value))."""
+        """Empties both caches: class -> list of (entropy, feature, value), lowest entropy first."""
         self.positive: dict[int, list] = {}
         self.negative: dict[int, list] = {}
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits [B, C] for images [B, 3, H, W]."""
-        return self.adapt_features(self.learner.encode_image(images).unsqueeze(1))
-
-    @torch.no_grad()
     def adapt_views(self, views: torch.Tensor) -> torch.Tensor:
-        b, v = views.shape[:2]
-        return self.adapt_features(self.learner.encode_image(views.flatten(0, 1)).view(b, v, -1))
+        if views.dim() != 5:
+            raise ValueError(f"views must be [B, V, 3, H, W] (view 0 the original image), got {tuple(views.shape)}")
+        return self.adapt_features(self.view_features(views))
 
     @torch.no_grad()
     def adapt_features(self, features: torch.Tensor) -> torch.Tensor:
-        """features [B, V, D] (normalised) -> logits [B, C], updating the caches sample by sample."""
+        """Normalised view features [B, V, D] -> logits [B, C], updating the caches image by image."""
         learner = self.learner
-        if self._text is None or self._text.device != features.device:
-            self._text = learner.text_features()
-        text, scale = self._text, learner.clip.logit_scale
-        n_classes = text.shape[0]
+        b, v = features.shape[:2]
+        with self.amp():
+            logits = learner(image_features=features.flatten(0, 1), text_features=learner.text_features())
+        logits = logits.float().view(b, v, -1)
+        n_classes = logits.shape[-1]
         out = []
-        for f in features:                                             # a stream: order matters
-            logits = scale * f @ text.t()                              # [V, C]
-            if len(f) > 1:  # TDA: average the confident views
-                keep = select_confident(logits.unsqueeze(0), self.selection)[0]
-                f = torch.nn.functional.normalize(f[keep].mean(0, keepdim=True), dim=-1)
-                log_mean = torch.logsumexp(logits[keep].log_softmax(-1), 0) - math.log(len(keep))
-                ent = -(log_mean.exp() * log_mean).sum()
-                logits = logits[keep].mean(0, keepdim=True)
+        for f, view_logits in zip(features, logits):                      # a stream: order matters
+            if v > 1:
+                keep = select_confident(view_logits.unsqueeze(0), self.selection)[0]
+                chosen = view_logits[keep]
+                feature, sample_logits = f[keep].mean(0), chosen.mean(0)
+                probs, ent = chosen.softmax(-1).mean(0), marginal_entropy(chosen.unsqueeze(0))[0]
             else:
-                ent = entropy(logits)[0]
-            probs = logits.softmax(-1)[0]
-            label = int(logits.argmax())
-            normalised = float(ent) / math.log2(n_classes)            # TDA's normalisation, as published
-            self._update(self.positive, label, float(ent), f[0], None, self.pos_shots)
-            if self.neg_entropy[0] < normalised < self.neg_entropy[1]:
+                feature, sample_logits = f[0], view_logits[0]
+                probs, ent = sample_logits.softmax(-1), entropy(sample_logits)
+            label, ent = int(sample_logits.argmax()), float(ent)
+            self._update(self.positive, label, ent, feature, None, self.pos_shots)
+            if self.neg_entropy[0] < ent / math.log2(n_classes) < self.neg_entropy[1]:  # TDA's normalisation
                 mask = ((probs > self.neg_mask[0]) & (probs < self.neg_mask[1])).float()
-                self._update(self.negative, label, float(ent), f[0], mask, self.neg_shots)
-            final = logits[0].clone()
-            final += self._cache_logits(f[0], self.positive, self.pos_alpha, self.pos_beta, n_classes)
-            final -= self._cache_logits(f[0], self.negative, self.neg_alpha, self.neg_beta, n_classes)
-            out.append(final)
+                self._update(self.negative, label, ent, feature, mask, self.neg_shots)
+            final = sample_logits + self.pos_alpha * self._affinity(feature, self.positive, self.pos_beta, n_classes)
+            out.append(final - self.neg_alpha * self._affinity(feature, self.negative, self.neg_beta, n_classes))
         return torch.stack(out)
 
     @staticmethod
-    def _update(cache, label, ent, feature, value, capacity) -> None:
+    def _update(cache: dict, label: int, ent: float, feature: torch.Tensor, value, capacity: int) -> None:
+        """Adds the item if the class has room, else replaces the class's highest-entropy item if this one is lower."""
+        if capacity == 0:
+            return
         items = cache.setdefault(label, [])
         if len(items) < capacity:
             items.append((ent, feature, value))
@@ -96,14 +106,12 @@ class TDA(nn.Module):
         items.sort(key=lambda item: item[0])
 
     @staticmethod
-    def _cache_logits(feature, cache, alpha, beta, n_classes) -> torch.Tensor:
-        if not cache:
-            return torch.zeros(n_classes, device=feature.device)
-        keys, values = [], []
-        for label, items in sorted(cache.items()):
-            for _, key, value in items:
-                keys.append(key)
-                values.append(value if value is not None else
-                              torch.nn.functional.one_hot(torch.tensor(label), n_classes).float().to(feature.device))
-        affinity = torch.stack(keys) @ feature
-        return alpha * torch.exp(-beta * (1 - affinity)) @ torch.stack(values)
+    def _affinity(feature: torch.Tensor, cache: dict, beta: float, n_classes: int) -> torch.Tensor:
+        """exp(-beta (1 - feature . keys)) @ values over all cached items ([C]; zeros for an empty cache)."""
+        items = [(label, key, value) for label in sorted(cache) for _, key, value in cache[label]]
+        if not items:
+            return feature.new_zeros(n_classes)
+        keys = torch.stack([key for _, key, _ in items])
+        values = torch.stack([F.one_hot(torch.tensor(label), n_classes).to(feature) if value is None else value
+                              for label, _, value in items])
+        return torch.exp(-beta * (1 - keys @ feature)) @ values

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from ..learners.coop import context_hook
+from ..learners.cocoop import CoCoOp
+from ..learners.coop import CoOp, context_hook
 from ..registry import register_adapter
-from .base import ViewAdapter, marginal_entropy, select_confident
+from .base import ViewAdapter, gather_views, marginal_entropy, select_confident
 
 
 @register_adapter("tpt")
@@ -13,144 +14,176 @@ class TPT(ViewAdapter):
     """Test-time prompt tuning: per test image, tune the learner's text context to minimise the
     entropy of the averaged prediction over its most confident augmented views.
 
-    Exactly the published procedure: per step, logits of all views with the current prompt; the
+    The published procedure: per step, logits of all views with the current prompt; the
     `int(V * selection)` lowest-entropy views are chosen at step 0 and kept; loss = entropy of the
-    mean softmax (log space); AdamW (torch defaults) at `lr`; prompts and optimizer state reset per
-    sample; the prediction is view 0's with the adapted prompt. Episodic: the learner is unchanged.
+    mean softmax (log space); torch's AdamW (default betas, eps, weight decay) at `lr`; prompt and
+    optimizer state reset for every sample; the prediction is view 0's with the adapted prompt.
+    Episodic: the learner is unchanged afterwards. On CoCoOp, as TPT does, the tuned context is the
+    image-conditioned one (context + Meta-Net(view 0)), shared by all views of that image.
 
-    What is not recomputed: the views' image features (encoded once when the learner's image path has
-    no prompt), and the step-0 text features, which are the same for every sample: encoded once (until
-    the learner's context changes) and differentiated for all B samples at once with a batched
-    vector-Jacobian product. B samples are adapted together with independent context copies (AdamW is
-    elementwise, so one AdamW over [B, ...] is B independent AdamWs).
+    What is not recomputed (results are the same up to float rounding):
+    - the views' image features: encoded once per sample, reused by every step and the prediction;
+    - the step-0 text features: the prompt is reset before every sample, so they are the same for all
+      samples; they are encoded once (until the learner's context changes) and each sample's gradient
+      is a vector-Jacobian product through that one pass (batched over the samples);
+    - the text encoder runs over the first `max(EOT) + 1` tokens only.
+    B samples are adapted together, each with its own context copy: one text pass over B x C prompts
+    per later step, and one AdamW over the [B, ...] copies, which is B independent AdamWs because
+    AdamW is elementwise. Memory grows with B x C at steps >= 2 and in the final prediction.
+
+    Learners whose image path carries prompts (`image_prompted`: MaPLe, IVLP, PromptSRC, CAVPT, ...)
+    and learners with other text-side prompts than CoOp's context take a slower, equally exact path:
+    one sample at a time through the learner's own forward, the views re-encoded at every step (only
+    the selected ones after step 0), since their image features may depend on the tuned context.
 
     Args:
-        learner: a learner with a text context `ctx` (CoOp family); for others use Zero or TDA.
+        learner: a learner with a text context `ctx` (CoOp family); for learners without one
+            (zero-shot CLIP, VPT) use Zero or TDA.
         steps: optimisation steps per sample (TPT: 1).
         lr: AdamW learning rate (TPT: 5e-3).
         selection: fraction of confident views kept (TPT: 0.1).
         n_views: views per image including the original (TPT: 64).
         augment: "crop", "augmix" or "auto" (crops for >= 200 classes, else AugMix, as TPT).
         optimizer: "adamw" (TPT) or "sgd".
+        seed, autocast: see `ViewAdapter`.
     """
 
     def __init__(self, learner, steps: int = 1, lr: float = 5e-3, selection: float = 0.1, n_views: int = 64,
-                 augment: str = "auto", optimizer: str = "adamw", seed: int = 0):
-        super().__init__(learner, n_views, augment, seed)
+                 augment: str = "auto", optimizer: str = "adamw", seed: int = 0, autocast: bool = True):
         ctx = getattr(learner, "ctx", None)
         if not isinstance(ctx, torch.nn.Parameter) or not hasattr(learner, "ctx_pos"):
-            raise TypeError(f"TPT tunes a text context, and {type(learner).__name__} has none. Use a CoOp-family "
-                            f"learner (e.g. CoOp(clip, classnames, ctx_init='a photo of a') for zero-shot CLIP), "
-                            f"or a backward-free adapter: Zero or TDA.")
+            raise TypeError(f"TPT tunes a text context (`ctx`), and {type(learner).__name__} has none. Use a "
+                            f"CoOp-family learner (for zero-shot CLIP: CoOp(clip, classnames, ctx_init='a photo "
+                            f"of a')), or an adapter that needs no text prompt: Zero or TDA.")
         if optimizer not in ("adamw", "sgd"):
-            raise ValueError("optimizer must be 'adamw' or 'sgd'")
+            raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
+        if steps < 0 or not 0 < selection <= 1:
+            raise ValueError(f"need steps >= 0 and 0 < selection <= 1, got steps={steps}, selection={selection}")
+        super().__init__(learner, n_views, augment, seed, autocast)
         self.steps, self.lr, self.selection, self.optimizer = steps, lr, selection, optimizer
-        self._step0 = None  # (context version, text features, graph inputs)
+        self._step0 = None  # (context version, context leaf, its text features with their graph)
 
     def extra_loss(self, text_features: torch.Tensor) -> torch.Tensor:
-        """Per-sample term added to the entropy ([B] or scalar); C-TPT overrides it."""
-        return torch.zeros((), device=text_features.device)
+        """Per-sample term [B] added to the entropy, from text features [B, C, D]; C-TPT overrides it."""
+        return text_features.new_zeros(())
 
     def adapt_views(self, views: torch.Tensor) -> torch.Tensor:
+        if views.dim() != 5:
+            raise ValueError(f"views must be [B, V, 3, H, W] (view 0 the original image), got {tuple(views.shape)}")
         learner = self.learner
-        if learner.image_prompted:
-            return torch.cat([self._adapt_one(views[i:i + 1]) for i in range(len(views))])
-        features = self.view_features(views)                                # [B, V, D], once
-        b, n_classes = len(views), learner.n_classes
-        ctx = learner.ctx.detach()
-        copies = ctx.unsqueeze(0).repeat(b, *([1] * ctx.dim())).requires_grad_(True)  # independent prompts
+        fast = not learner.image_prompted and (isinstance(learner, CoCoOp) or (
+            type(learner).text_features is CoOp.text_features and type(learner).text_hooks is CoOp.text_hooks))
+        if not fast:
+            return torch.cat([self._adapt_one(sample) for sample in views])
+        return self.adapt_features(self.view_features(views))
+
+    def adapt_features(self, features: torch.Tensor) -> torch.Tensor:
+        """TPT on precomputed normalised view features [B, V, D] (view 0 the original) -> logits [B, C]."""
+        learner = self.learner
+        scale = learner.clip.logit_scale.float()
+        shared = not isinstance(learner, CoCoOp)
+        with torch.no_grad():
+            if shared:
+                start = learner.ctx.expand(len(features), *learner.ctx.shape)
+            else:  # TPT on CoCoOp: the context conditioned on the original image is what gets tuned
+                start = learner.ctx + learner.meta_net(features[:, 0].to(learner.ctx.dtype)).unsqueeze(1)
+        copies = start.detach().clone().requires_grad_(True)   # one independent prompt per sample
         optimizer = (torch.optim.AdamW([copies], lr=self.lr) if self.optimizer == "adamw"
                      else torch.optim.SGD([copies], lr=self.lr))
-        selected = None
+        chosen = None
         for step in range(self.steps):
-            if step == 0:
-                text, grad = self._step0_gradient(features, b)
-                logits = learner.clip.logit_scale * features @ text.detach().transpose(-1, -2)
-                selected = select_confident(logits.detach(), self.selection)
-                copies.grad = grad(selected)
+            if step == 0 and shared:
+                leaf, text0 = self._shared_text()
+                text = text0.detach().expand(len(features), -1, -1).clone().requires_grad_(True)
             else:
-                text = self._text(copies)                                   # [B, C, D]
-                logits = learner.clip.logit_scale * torch.gather(
-                    features, 1, selected[..., None].expand(-1, -1, features.shape[-1])) @ text.transpose(-1, -2)
-                loss = (marginal_entropy(logits) + self.extra_loss(text)).sum()
-                optimizer.zero_grad()
+                text = self._text(copies)
+            if chosen is None:
+                logits = scale * features @ text.transpose(-1, -2)                       # [B, V, C]
+                selected = select_confident(logits.detach(), self.selection)
+                chosen = gather_views(features, selected)                                # [B, K, D]
+                logits = gather_views(logits, selected)
+            else:
+                logits = scale * chosen @ text.transpose(-1, -2)
+            loss = (marginal_entropy(logits) + self.extra_loss(text)).sum()
+            if step == 0 and shared:
+                cotangents, = torch.autograd.grad(loss, text)                           # dL_b / dT, per sample
+                copies.grad, = torch.autograd.grad(text0, leaf, cotangents, retain_graph=True, is_grads_batched=True)
+            else:
                 copies.grad, = torch.autograd.grad(loss, copies)
             optimizer.step()
         with torch.no_grad():
-            text = self._text(copies) if self.steps else learner.text_features().expand(b, n_classes, -1)
-            return learner.clip.logit_scale * (features[:, :1] @ text.transpose(-1, -2)).squeeze(1)
+            if self.steps == 0 and shared:
+                text = self._shared_text()[1].detach().expand(len(features), -1, -1)
+            else:
+                text = self._text(copies)
+            return scale * (features[:, :1] @ text.transpose(-1, -2)).squeeze(1)
 
     def _text(self, copies: torch.Tensor) -> torch.Tensor:
-        """Text features [B, C, D] for B context copies: one text pass over B*C rows."""
+        """Text features [B, C, D] (fp32) for B context copies: one text pass over B x C prompts."""
         learner = self.learner
         b, n_classes = copies.shape[0], learner.n_classes
         rows = copies.repeat_interleave(n_classes, 0) if copies.dim() == 3 else copies.flatten(0, 1)
-        tokens = learner.tokens.repeat(b, 1)
-        ctx_pos = learner.ctx_pos.repeat(b, 1)
-        return learner.clip.encode_text(tokens, hooks=[context_hook(learner.clip, rows, ctx_pos)]).view(b, n_classes, -1)
+        hook = context_hook(learner.clip, rows, learner.ctx_pos.repeat(b, 1))
+        with self.amp():
+            text = learner.clip.encode_text(learner.tokens.repeat(b, 1), hooks=[hook])
+        return text.float().view(b, n_classes, -1)
 
-    def _step0_gradient(self, features: torch.Tensor, b: int):
-        """Step-0 text features (shared by all samples, encoded once per context) and a function giving
-        each sample's gradient w.r.t. its context copy for a given view selection."""
+    def _shared_text(self):
+        """(context leaf, its text features [C, D] with graph): the step-0 pass shared by all samples,
+        encoded once per value of the learner's context."""
         learner = self.learner
-        version = (learner.ctx._version, learner.ctx.data_ptr())
-        if self._step0 is None or self._step0[0] != version:
-            with torch.enable_grad():
-                ctx = learner.ctx.detach().requires_grad_(True)
-                text = learner.clip.encode_text(learner.tokens, hooks=[context_hook(learner.clip, ctx, learner.ctx_pos)]
-                                               )
-            self._step0 = (version, text, ctx)
-        _, text, ctx = self._step0
-
-        def grad(selected: torch.Tensor) -> torch.Tensor:
-            shared = text.detach().unsqueeze(0).repeat(b, 1, 1).requires_grad_(True)  # dL_b/dT per sample
-            chosen = torch.gather(features, 1, selected[..., None].expand(-1, -1, features.shape[-1]))
-            logits = learner.clip.logit_scale * chosen @ shared.transpose(-1, -2)
-            loss = (marginal_entropy(logits) + self.extra_loss(shared)).sum()
-            cotangents, = torch.autograd.grad(loss, shared)
-            per_sample, = torch.autograd.grad(text, ctx, cotangents, retain_graph=True, is_grads_batched=True)
-            return per_sample
-
-        return text, grad
+        ctx = learner.ctx
+        key = (ctx._version, ctx.data_ptr(), ctx.device, self.autocast)
+        if self._step0 is None or self._step0[0] != key:
+            leaf = ctx.detach().requires_grad_(True)
+            with torch.enable_grad(), self.amp():
+                text = learner.clip.encode_text(learner.tokens, hooks=[context_hook(learner.clip, leaf, learner.ctx_pos)])
+            self._step0 = (key, leaf, text.float())
+        return self._step0[1:]
 
     def _adapt_one(self, views: torch.Tensor) -> torch.Tensor:
-        """Image-prompted learners: one sample at a time, views re-encoded with the current prompt each step."""
+        """One sample's views [V, 3, H, W] through the learner's own forward, tuning `learner.ctx` in
+        place (restored afterwards, also on errors) with a fresh optimizer."""
         learner = self.learner
-        saved = learner.ctx.detach().clone()
-        optimizer = (torch.optim.AdamW([learner.ctx], lr=self.lr) if self.optimizer == "adamw"
-                     else torch.optim.SGD([learner.ctx], lr=self.lr))
+        ctx = learner.ctx
+        saved, saved_grad = ctx.detach().clone(), ctx.grad
+        optimizer = (torch.optim.AdamW([ctx], lr=self.lr) if self.optimizer == "adamw"
+                     else torch.optim.SGD([ctx], lr=self.lr))
         try:
             selected = None
             for _ in range(self.steps):
-                text = learner.text_features()
-                logits = learner(views[0], text_features=text).unsqueeze(0)
+                with self.amp():
+                    text = learner.text_features()
+                    logits = learner(views if selected is None else views[selected], text_features=text)
+                logits = logits.float().unsqueeze(0)
                 if selected is None:
-                    selected = select_confident(logits.detach(), self.selection)
-                loss = (marginal_entropy(logits[:, selected[0]]) + self.extra_loss(text.unsqueeze(0))).sum()
-                optimizer.zero_grad()
-                loss.backward()
+                    selected = select_confident(logits.detach(), self.selection)[0]
+                    logits = logits[:, selected]
+                loss = (marginal_entropy(logits) + self.extra_loss(text.float().unsqueeze(0))).sum()
+                ctx.grad, = torch.autograd.grad(loss, ctx)   # only ctx: other prompt tensors get no .grad
                 optimizer.step()
-            with torch.no_grad():
-                return learner(views[0, :1])
+            with torch.no_grad(), self.amp():
+                return learner(views[:1]).float()
         finally:
             with torch.no_grad():
-                learner.ctx.copy_(saved)
-            learner.ctx.grad = None
+                ctx.copy_(saved)
+            ctx.grad = saved_grad
 
 
 @register_adapter("ctpt")
 class CTPT(TPT):
-    """C-TPT: TPT's loss minus `lambda_` x ATFD, the average distance of the (normalised) class text
-    features to their centroid; spreading them out calibrates the adapted prompt.
+    """C-TPT: TPT's loss minus `lambda_` x ATFD, the mean L2 distance of the normalised class text
+    features to their centroid; keeping the class features spread out keeps the adapted prompt calibrated.
 
     Args:
-        lambda_: ATFD weight (paper: 50 for fine-grained sets, 20 for natural distribution shifts).
+        lambda_: ATFD weight; None picks the paper's value by the label set, as `augment="auto"`:
+            20 for ImageNet-scale natural shifts (>= 200 classes), 50 for fine-grained sets.
         **kwargs: as TPT.
     """
 
-    def __init__(self, learner, lambda_: float = 50.0, **kwargs):
+    def __init__(self, learner, lambda_: float | None = None, **kwargs):
         super().__init__(learner, **kwargs)
-        self.lambda_ = lambda_
+        self.lambda_ = (20.0 if learner.n_classes >= 200 else 50.0) if lambda_ is None else float(lambda_)
 
     def extra_loss(self, text_features: torch.Tensor) -> torch.Tensor:
         centroid = text_features.mean(dim=-2, keepdim=True)

@@ -1,38 +1,63 @@
-"""Zero (Farina et al., NeurIPS 2024): test-time augmentation with a zero-temperature vote, no backward."""
+"""Zero (Farina et al., NeurIPS 2024, "Frustratingly Easy Test-Time Adaptation of Vision-Language Models")."""
 from __future__ import annotations
 
 import torch
 
 from ..registry import register_adapter
-from .base import ViewAdapter, select_confident
+from .base import ViewAdapter, entropy, gather_views
 
 
 @register_adapter("zero")
 class Zero(ViewAdapter):
-    """Keeps the `keep` most confident views (lowest entropy) and takes the majority vote of their
-    argmax predictions (softmax at zero temperature). Works on any learner; no gradients.
+    """Test-time augmentation at zero temperature, no backward: keep the `keep` most confident views
+    (lowest entropy), let each vote for its argmax class, and predict the majority.
 
-    Returns log vote shares (with a 1e-6 floor) as logits, so softmax gives the vote distribution.
+    Ties are broken as in the reference code, greedily: the first of the other views whose argmax is
+    one of the tied classes decides, and its class gets one extra vote (the reference scans the views
+    after the first `k` in input order; here they are scanned by confidence, most confident first);
+    if none of them picks a tied class, the original image's logits decide.
+
+    Returns log vote shares as logits, so softmax gives the vote distribution (what ECE sees); classes
+    without votes get a 1e-6 floor scaled by the kept views' mean probability, which orders them for top-5.
 
     Args:
         learner: any learner.
         keep: fraction of views kept (Zero: 0.3).
         n_views: views per image including the original (Zero: 64).
-        augment: "crop", "augmix" or "auto".
+        augment, seed, autocast: see `ViewAdapter`.
     """
 
-    def __init__(self, learner, keep: float = 0.3, n_views: int = 64, augment: str = "auto", seed: int = 0):
-        super().__init__(learner, n_views, augment, seed)
+    def __init__(self, learner, keep: float = 0.3, n_views: int = 64, augment: str = "auto", seed: int = 0,
+                 autocast: bool = True):
+        if not 0 < keep <= 1:
+            raise ValueError(f"keep must be in (0, 1], got {keep}")
+        super().__init__(learner, n_views, augment, seed, autocast)
         self.keep = keep
 
     @torch.no_grad()
     def adapt_views(self, views: torch.Tensor) -> torch.Tensor:
+        if views.dim() != 5:
+            raise ValueError(f"views must be [B, V, 3, H, W] (view 0 the original image), got {tuple(views.shape)}")
         learner = self.learner
-        text = learner.text_features()
         b, v = views.shape[:2]
-        logits = learner(views.flatten(0, 1), text_features=text).view(b, v, -1)
-        selected = select_confident(logits, self.keep)
-        votes = torch.gather(logits.argmax(-1), 1, selected)
-        shares = torch.zeros(b, logits.shape[-1], device=logits.device).scatter_add_(
-            1, votes, torch.ones_like(votes, dtype=torch.float)) / votes.shape[1]
-        return (shares + 1e-6).log()
+        with self.amp():
+            logits = learner(views.flatten(0, 1), text_features=learner.text_features())
+        return self.vote(logits.float().view(b, v, -1))
+
+    def vote(self, logits: torch.Tensor) -> torch.Tensor:
+        """Zero's prediction from per-view logits [B, V, C] -> log vote shares [B, C]."""
+        b, v, n_classes = logits.shape
+        k = max(1, int(v * self.keep))
+        order = torch.argsort(entropy(logits), dim=1, stable=True)
+        predictions = logits.argmax(-1)                                          # zero temperature: one-hot
+        kept = gather_views(predictions, order[:, :k])
+        votes = torch.zeros(b, n_classes, device=logits.device).scatter_add_(1, kept, torch.ones_like(kept, dtype=torch.float))
+        tied = votes == votes.max(1, keepdim=True).values
+        others = gather_views(predictions, order[:, k:])
+        hits = tied.gather(1, others)
+        fallback = logits[:, 0].masked_fill(~tied, float("-inf")).argmax(-1)
+        first = hits.float().argmax(1, keepdim=True)                             # first hit (0 when none)
+        winner = torch.where(hits.any(1), others.gather(1, first).squeeze(1) if others.shape[1] else fallback, fallback)
+        votes[torch.arange(b), winner] += (tied.sum(1) > 1).float()
+        confidence = gather_views(logits, order[:, :k]).softmax(-1).mean(1)
+        return (votes / votes.sum(1, keepdim=True) + 1e-6 * confidence).log()
