@@ -44,8 +44,8 @@ def run_demo(out, quick: bool = False, seed: int = 1) -> dict:
     bench = ProceduralBenchmark(seed=0)
     names = bench.classnames
     shots = (4, 16) if quick else SHOTS
-    epochs = 10 if quick else 20
-    n_tta = 96 if quick else 288  # test images adapted; every view costs one image encode
+    epochs = 5 if quick else 20
+    n_tta = 48 if quick else 288  # test images adapted; every view costs one image encode
     rows, curves, logits_for_plot = [], {"coop": {}}, {}
 
     plan = ["zero-shot"] + [f"coop {k}-shot" for k in shots] + ["maple", "base-to-novel coop", "base-to-novel maple",
