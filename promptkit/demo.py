@@ -16,6 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 SHOTS = (1, 2, 4, 8, 16)
+# CoOp starts from "a photo of a" (its 4-token variant), so short runs start at the zero-shot model.
+KWARGS = {"coop": {"ctx_init": "a photo of a"}}
 
 
 def configure(parser: argparse.ArgumentParser, command: str) -> None:
@@ -44,7 +46,7 @@ def run_demo(out, quick: bool = False, seed: int = 1) -> dict:
     bench = ProceduralBenchmark(seed=0)
     names = bench.classnames
     shots = (4, 16) if quick else SHOTS
-    epochs = 5 if quick else 20
+    epochs = 10 if quick else 20
     n_tta = 48 if quick else 288  # test images adapted; every view costs one image encode
     rows, curves, logits_for_plot = [], {"coop": {}}, {}
 
@@ -72,7 +74,7 @@ def run_demo(out, quick: bool = False, seed: int = 1) -> dict:
 
     def train(name, classes="all", k=16):
         data = get_split("train", shots=k, seed=seed, classes=classes)
-        learner = create_learner(name, clip, data.classnames)
+        learner = create_learner(name, clip, data.classnames, **KWARGS.get(name, {}))
         config = TrainConfig(epochs=epochs, batch_size=32, device="cpu", seed=seed, output_dir=None,
                              log_every=0, progress=False)
         PromptTrainer(learner, config).fit(data)
