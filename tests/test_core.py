@@ -203,10 +203,11 @@ def test_openai_tag_builds_quick_gelu(monkeypatch):
         seen.update(kwargs)
         raise RuntimeError("offline")
 
-    monkeypatch.setattr(open_clip, "create_model_and_transforms", fake)
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", fake)  # nothing is downloaded
+    openai, laion = "openai", "laion2b_s34b_b88k"
     with pytest.raises(RuntimeError, match="pass its path"):
-        promptkit.load_clip("ViT-B-16", pretrained="openai")
+        promptkit.load_clip("ViT-B-16", pretrained=openai)
     assert seen["force_quick_gelu"] is True
     with pytest.raises(RuntimeError):
-        promptkit.load_clip("ViT-B-16", pretrained="laion2b_s34b_b88k")
+        promptkit.load_clip("ViT-B-16", pretrained=laion)
     assert seen["force_quick_gelu"] is False
