@@ -83,13 +83,16 @@ class PromptTrainer:
             bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                        disable=not (cfg.progress and distributed.is_main()))
             seen, correct, loss_sum, tic = 0, torch.zeros(()), torch.zeros(()), time.time()
+            local_batches = [order[i * batch:(i + 1) * batch].view(self.world, -1)[self.rank]
+                             for i in range(steps_per_epoch)]
+            # Without the cache, images come through a DataLoader (num_workers) in this rank's batch order.
+            loader = None if features is not None else iter(self._loader(train_dataset, local_batches))
             for i in bar:
-                global_batch = order[i * batch:(i + 1) * batch]
-                local = global_batch.view(self.world, -1)[self.rank]
-                loss, n_correct = self._step(optimizer, scaler, params, local, labels, features, train_dataset,
-                                             epoch, step)
+                local = local_batches[i]
+                images = None if loader is None else next(loader)[0]
+                loss, n_correct = self._step(optimizer, scaler, params, local, labels, features, images, epoch, step)
                 step += 1
-                seen += len(global_batch)
+                seen += batch
                 loss_sum += loss.detach().cpu() * len(local)
                 correct += n_correct.cpu()
                 if cfg.log_every and step % cfg.log_every == 0:
@@ -152,18 +155,19 @@ class PromptTrainer:
         return "\n".join(lines)
 
     # -- steps ---------------------------------------------------------------------------------------
-    def _step(self, optimizer, scaler, params, local, labels, features, dataset, epoch, step):
+    def _step(self, optimizer, scaler, params, local, labels, features, images, epoch, step):
+        """One optimizer step on this rank's part of the global batch: cached `features` or loaded `images`."""
         cfg, learner = self.config, self.learner
         optimizer.zero_grad(set_to_none=True)
         total, n_correct = torch.zeros((), device=self.device), torch.zeros((), dtype=torch.long, device=self.device)
-        for micro in local.chunk(cfg.grad_accum_steps):
+        image_chunks = None if images is None else images.chunk(cfg.grad_accum_steps)
+        for j, micro in enumerate(local.chunk(cfg.grad_accum_steps)):
             y = labels[micro].to(self.device)
             with self._autocast():
                 if features is not None:
                     out = learner.training_loss(y, image_features=features[epoch % len(features)][micro].to(self.device))
                 else:
-                    images = torch.stack([dataset[int(i)][0] for i in micro]).to(self.device)
-                    out = learner.training_loss(y, images)
+                    out = learner.training_loss(y, image_chunks[j].to(self.device, non_blocking=True))
             loss = out.loss / cfg.grad_accum_steps
             scaler.scale(loss).backward()
             total += loss.detach()
