@@ -46,7 +46,9 @@ def worker(cfg: dict) -> dict:
         def step():  # nothing to train: one evaluation forward
             with torch.no_grad():
                 learner(image_features=features)
-    step()
+    step()  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(cfg["iters"]):
         step()

@@ -3,9 +3,10 @@ import json
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import InterpolationMode, RandomHorizontalFlip
 
-from promptkit.data import (CoOpSplitDataset, ImageFolderDataset, ProceduralBenchmark, base_novel, few_shot,
-                            render, select_classes)
+from promptkit.data import (CoOpSplitDataset, ImageFolderDataset, ProceduralBenchmark, Subset, base_novel,
+                            check_labels, few_shot, few_shot_val, render, select_classes, train_transform)
 from promptkit.data.procedural import CLASSNAMES, DOMAINS
 
 
@@ -31,6 +32,29 @@ def test_image_folder_and_few_shot(tmp_path):
         assert len(few_shot(data, 4, allow_fewer=True)) == 7
 
 
+class Labels:
+    """A dataset stand-in: only `targets` and `classnames`, which is all sampling may depend on."""
+
+    def __init__(self, targets, n_classes):
+        self.targets, self.classnames = list(targets), [f"class {i}" for i in range(n_classes)]
+
+
+def test_few_shot_is_balanced_and_a_pure_function_of_seed_and_targets():
+    targets = torch.randint(6, (300,), generator=torch.Generator().manual_seed(0)).tolist()
+    for seed in range(5):
+        shots = few_shot(Labels(targets, 6), 7, seed=seed)
+        assert torch.bincount(torch.tensor(shots.targets)).tolist() == [7] * 6
+        assert len(set(shots.indices)) == 42 and shots.indices == sorted(shots.indices)
+        assert all(targets[i] == t for i, t in zip(shots.indices, shots.targets))
+        assert few_shot(Labels(targets, 6), 7, seed=seed).indices == shots.indices  # a fresh object, same draw
+    assert few_shot_val(Labels(targets, 6), 16, seed=1).indices == few_shot(Labels(targets, 6), 4, seed=1).indices
+    assert len(few_shot_val(Labels(targets, 6), 2, seed=1)) == 12
+    with pytest.raises(ValueError, match="positive integer"):
+        few_shot(Labels(targets, 6), 0)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 5\)"):
+        few_shot(Labels(targets, 5), 1)
+
+
 def test_bad_folders_and_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ImageFolderDataset(tmp_path / "missing")
@@ -49,6 +73,28 @@ def test_bad_folders_and_files(tmp_path):
     with pytest.warns(UserWarning, match="skipped 1"):
         data = ImageFolderDataset(root, skip_unreadable=True)
     assert len(data) == 2 and data.skipped[0].endswith("broken.png")
+    assert [data[i][0].size for i in range(2)] == [(8, 8)] * 2
+
+
+def test_hidden_entries_are_not_classes_or_images(tmp_path):
+    root = make_folder(tmp_path / "d", {"a": 1, "b": 1, ".ipynb_checkpoints": 1})
+    (root / "a" / "._0.png").write_bytes(b"macOS resource fork")
+    data = ImageFolderDataset(root)
+    assert data.classnames == ["a", "b"] and len(data) == 2
+
+
+def test_transforms_give_model_sized_normalised_tensors(tmp_path, vit_clip):
+    augment = train_transform(vit_clip)
+    crop = augment.transforms[0]
+    assert crop.scale == (0.08, 1.0) and crop.interpolation == InterpolationMode.BICUBIC
+    assert isinstance(augment.transforms[1], RandomHorizontalFlip)
+    data = ImageFolderDataset(make_folder(tmp_path / "d", {"a": 1}), transform=augment)
+    image, label = data[0]
+    assert image.shape == (3, 32, 32) and label == 0
+    # A black image normalised with CLIP's mean/std: the blue channel is -mean/std everywhere.
+    assert torch.allclose(image[2], torch.full((32, 32), -0.40821073 / 0.27577711), atol=1e-5)
+    data.transform = vit_clip.preprocess
+    assert torch.allclose(data[0][0], image, atol=1e-5)  # a flat 8x8 image: crop and flip change nothing
 
 
 def test_coop_split_json(tmp_path):
@@ -66,6 +112,12 @@ def test_coop_split_json(tmp_path):
         CoOpSplitDataset(root, tmp_path / "bad.json", "test")
     with pytest.raises(ValueError, match="no split 'dev'"):
         CoOpSplitDataset(root, tmp_path / "split.json", "dev")
+    with pytest.raises(FileNotFoundError, match="relative to"):
+        CoOpSplitDataset(tmp_path, tmp_path / "split.json", "train")
+    for bad, message in ((["b/1.png", 3, "c"], "without gaps"), (["b/1.png", "1", "b"], "not \\[relpath")):
+        (tmp_path / "bad.json").write_text(json.dumps({**split, "test": [bad]}))
+        with pytest.raises(ValueError, match=message):
+            CoOpSplitDataset(root, tmp_path / "bad.json", "train")
 
 
 def test_base_novel_and_select_classes():
@@ -74,6 +126,23 @@ def test_base_novel_and_select_classes():
     data = ProceduralBenchmark(n_test=2).split("test")
     novel = select_classes(data, split.novel)
     assert novel.classnames == [data.classnames[3], data.classnames[4]] and novel.targets == [0, 0, 1, 1]
+    assert [data.targets[i] for i in novel.indices] == [3, 3, 4, 4]
+    assert torch.equal(novel[3][0], data[novel.indices[3]][0])
+    swapped = select_classes(data, [4, 3])
+    assert swapped.classnames == novel.classnames[::-1] and swapped.targets == [1, 1, 0, 0]
+    for labels in ([3, 3], [48], []):
+        with pytest.raises(ValueError, match="distinct labels"):
+            select_classes(data, labels)
+
+
+def test_check_labels():
+    assert check_labels(Labels([0, 2, 1], 3), 3).tolist() == [0, 2, 1]
+    with pytest.raises(ValueError, match="3 classes but the learner was built for 4"):
+        check_labels(Labels([0, 1], 3), 4)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 3\).*\[-1, 2\]"):
+        check_labels(Labels([-1, 2], 3), 3)
+    with pytest.raises(ValueError, match="empty"):
+        check_labels(Subset(Labels([0], 1), []), 1)
 
 
 def test_procedural_is_deterministic_balanced_and_domains_differ():
@@ -100,13 +169,3 @@ def test_procedural_base_novel_cover_every_word():
     shifted = bench.split("shifted")
     assert len(shifted) == 48 and not torch.equal(shifted.images, bench.split("test").images)
 
-
-def test_plots_write_pngs(tmp_path):
-    from promptkit.plots import plot_accuracy_vs_shots, plot_reliability
-
-    curve = plot_accuracy_vs_shots({"coop": {1: 40.0, 4: 55.0, 16: 70.0}, "zero-shot": {1: 50.0, 16: 50.0}},
-                                   tmp_path / "shots.png")
-    logits, labels = torch.randn(50, 5), torch.randint(5, (50,))
-    diagram = plot_reliability(logits, labels, tmp_path / "rel.png")
-    for path in (curve, diagram):
-        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000

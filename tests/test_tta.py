@@ -1,6 +1,7 @@
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -81,7 +82,8 @@ def test_tpt_batched_equals_one_at_a_time(coop, views):
 
 def test_tpt_zero_steps_is_the_learner(coop, views):
     with torch.no_grad():
-        torch.testing.assert_close(promptkit.TPT(coop, steps=0).adapt_views(views), coop(views[:, 0]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(promptkit.TPT(coop, steps=0).adapt_views(views), coop(views[:, 0]),
+                                   atol=1e-5, rtol=0)
 
 
 def test_ctpt_matches_reference_and_reduces_to_tpt(coop, views):
@@ -116,24 +118,6 @@ def test_zero_majority_vote_by_hand(vit_clip, classnames):
     torch.testing.assert_close(logits.softmax(-1)[0, :2], torch.tensor([1 / 3, 2 / 3]), atol=1e-4, rtol=0)
 
 
-def test_tda_caches_by_hand(vit_clip):
-    class Fixed(promptkit.ZeroShotCLIP):
-        def text_features(self):
-            return torch.eye(2, 4)
-    learner = Fixed(vit_clip, ["a", "b"])
-    scale = learner.clip.logit_scale.item()
-    tda = promptkit.TDA(learner, pos_shots=1, neg_entropy=(-1.0, -0.5))
-    f1 = F.normalize(torch.tensor([[1.0, 0.1, 0, 0]]), dim=-1)
-    out1 = tda.adapt_features(f1.unsqueeze(1))
-    # Only itself in the positive cache: affinity 1 -> +alpha * one_hot(pred).
-    torch.testing.assert_close(out1[0], scale * (f1 @ torch.eye(2, 4).t())[0] + torch.tensor([1.0, 0]))
-    f2 = F.normalize(torch.tensor([[1.0, -0.3, 0, 0]]), dim=-1)  # same class, more confident: replaces f1
-    tda.adapt_features(f2.unsqueeze(1))
-    assert len(tda.positive[0]) == 1 and torch.equal(tda.positive[0][0][1], f2[0])
-    tda.reset()
-    assert tda.positive == {} and tda.negative == {}
-
-
 def test_bad_images(coop):
     tpt = promptkit.TPT(coop, n_views=4, augment="crop")
     with pytest.raises(ValueError, match="single image"):
@@ -152,3 +136,170 @@ def test_views_shape_and_original_first(coop):
         assert views.shape == (2, 8, 3, 32, 32)
         assert torch.equal(views[:, 0], images)
         assert not torch.allclose(views[:, 1], images)
+
+
+def test_tpt_on_cocoop_tunes_the_image_conditioned_context(vit_clip, classnames, views):
+    """TPT's CoCoOp variant: context + Meta-Net(view 0), shared by all views, tuned by AdamW."""
+    torch.manual_seed(0)
+    learner = promptkit.create_learner("cocoop", vit_clip, classnames)
+    with torch.no_grad():
+        learner.ctx.add_(0.3 * torch.randn_like(learner.ctx))
+    expected = []
+    for sample in views:
+        features = learner.encode_image(sample)
+        with torch.no_grad():
+            ctx = (learner.ctx + learner.meta_net(features[:1])).clone()
+        ctx.requires_grad_(True)
+        optimizer = torch.optim.AdamW([ctx], lr=5e-2)
+        selected = None
+        for _ in range(2):
+            hook = promptkit.learners.coop.context_hook(vit_clip, ctx, learner.ctx_pos)
+            logits = vit_clip.logit_scale * features @ vit_clip.encode_text(learner.tokens, hooks=[hook]).t()
+            if selected is None:
+                selected = select_confident(logits[None].detach(), 0.25)[0]
+            loss = marginal_entropy(logits[selected][None]).sum()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            hook = promptkit.learners.coop.context_hook(vit_clip, ctx, learner.ctx_pos)
+            expected.append(vit_clip.logit_scale * features[0] @ vit_clip.encode_text(learner.tokens, hooks=[hook]).t())
+    before = {k: v.clone() for k, v in learner.prompt_state_dict().items()}
+    logits = promptkit.TPT(learner, steps=2, lr=5e-2, selection=0.25).adapt_views(views)
+    torch.testing.assert_close(logits, torch.stack(expected), atol=2e-4, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(promptkit.TPT(learner, steps=0).adapt_views(views), learner(views[:, 0]),
+                                   atol=1e-5, rtol=0)
+    assert all(torch.equal(v, before[k]) for k, v in learner.prompt_state_dict().items())
+
+
+def test_tpt_on_image_prompted_learner_equals_reference(vit_clip, classnames, views):
+    """MaPLe's vision prompts depend on the tuned context: the slow path re-encodes the views each step."""
+    torch.manual_seed(0)
+    learner = promptkit.create_learner("maple", vit_clip, classnames)
+    with torch.no_grad():
+        learner.ctx.add_(0.3 * torch.randn_like(learner.ctx))
+    before = snapshot(vit_clip)
+    state = {k: v.clone() for k, v in learner.prompt_state_dict().items()}
+    logits = promptkit.TPT(learner, steps=2, lr=5e-2, selection=0.25).adapt_views(views[:2])
+    expected = []
+    for sample in views[:2]:
+        model = copy.deepcopy(learner)
+        optimizer = torch.optim.AdamW([model.ctx], lr=5e-2)
+        selected = None
+        for _ in range(2):
+            out = model(sample)
+            if selected is None:
+                selected = select_confident(out[None].detach(), 0.25)[0]
+            optimizer.zero_grad()
+            marginal_entropy(out[selected][None]).sum().backward()
+            optimizer.step()
+        with torch.no_grad():
+            expected.append(model(sample[:1])[0])
+    torch.testing.assert_close(logits, torch.stack(expected), atol=2e-4, rtol=0)
+    assert all(torch.equal(v, state[k]) for k, v in learner.prompt_state_dict().items())
+    assert all(p.grad is None for p in learner.prompt_parameters())
+    assert_unchanged(vit_clip, before)
+
+
+def test_ctpt_default_lambda_follows_the_label_set(vit_clip, classnames):
+    assert promptkit.CTPT(promptkit.CoOp(vit_clip, classnames, n_ctx=2)).lambda_ == 50.0
+    many = [f"class {i}" for i in range(200)]
+    assert promptkit.CTPT(promptkit.CoOp(vit_clip, many, n_ctx=2)).lambda_ == 20.0
+
+
+def test_zero_breaks_ties_with_the_next_confident_view(vit_clip, classnames):
+    zero = promptkit.Zero(promptkit.ZeroShotCLIP(vit_clip, classnames), keep=0.5)
+    # Views by confidence: class 0 (9), class 1 (8), then class 2 (5: not tied), class 1 (4): class 1 wins.
+    logits = torch.tensor([[[0, 4.0, 0, 0, 0, 0], [9, 0, 0, 0, 0, 0], [0, 0, 5, 0, 0, 0], [0, 8, 0, 0, 0, 0]]])
+    shares = zero.vote(logits).softmax(-1)[0]
+    torch.testing.assert_close(shares[:3], torch.tensor([1 / 3, 2 / 3, 0]), atol=1e-4, rtol=0)
+    # No discarded view picks a tied class: the original image (view 0) decides between 0 and 1.
+    logits = torch.tensor([[[0, 0, 0, 1, 0, 0], [9, 0, 0, 0, 0, 0], [0, 8, 0, 0, 0, 0], [0, 0, 0, 0.5, 0, 0]]])
+    logits[0, 0, :2] = torch.tensor([0.2, 0.1])  # still predicts class 3, but prefers 0 over 1
+    assert zero.vote(logits).argmax().item() == 0
+
+
+def test_tda_caches_by_hand(vit_clip):
+    class Fixed(promptkit.ZeroShotCLIP):
+        def text_features(self):
+            return torch.eye(2, 4)
+    learner = Fixed(vit_clip, ["a", "b"])
+    scale = learner.clip.logit_scale.item()
+    tda = promptkit.TDA(learner, pos_shots=1, neg_entropy=(-1.0, -0.5))  # negative cache off
+    f1 = F.normalize(torch.tensor([[1.0, 0.1, 0, 0]]), dim=-1)
+    out1 = tda.adapt_features(f1.unsqueeze(1))
+    # Only itself in the positive cache: affinity 1 -> +alpha * one_hot(pred).
+    torch.testing.assert_close(out1[0], scale * (f1 @ torch.eye(2, 4).t())[0] + torch.tensor([1.0, 0]))
+    f2 = F.normalize(torch.tensor([[1.0, -0.3, 0, 0]]), dim=-1)  # same class, more confident: replaces f1
+    tda.adapt_features(f2.unsqueeze(1))
+    assert len(tda.positive[0]) == 1 and torch.equal(tda.positive[0][0][1], f2[0])
+    f3 = F.normalize(torch.tensor([[1.0, 0.5, 0, 0]]), dim=-1)  # less confident: the cache keeps f2
+    out3 = tda.adapt_features(f3.unsqueeze(1))
+    assert torch.equal(tda.positive[0][0][1], f2[0])
+    expected = scale * (f3 @ torch.eye(2, 4).t())[0] + torch.tensor([math.exp(-8.0 * (1 - float(f3[0] @ f2[0]))), 0])
+    torch.testing.assert_close(out3[0], expected)
+    tda.reset()
+    assert tda.positive == {} and tda.negative == {}
+
+
+def test_tda_negative_cache_and_views_by_hand(vit_clip):
+    class Fixed(promptkit.ZeroShotCLIP):
+        def text_features(self):
+            return torch.eye(3, 4)
+    learner = Fixed(vit_clip, ["a", "b", "c"])
+    learner.clip.model.logit_scale.data.fill_(0.0)  # scale 1: soft, uncertain predictions
+    try:
+        tda = promptkit.TDA(learner, pos_shots=2, neg_shots=1, neg_entropy=(0.0, 1.0), neg_mask=(0.3, 1.0),
+                            selection=0.5)
+        views = torch.tensor([[[0.9, 0.1, 0.0, 0.1], [0.1, 0.1, 0.1, 0.9], [0.8, 0.5, 0.0, 0.0], [0.0, 0.2, 0.9, 0.0]]])
+        out = tda.adapt_features(views)
+        logits = views[0] @ torch.eye(3, 4).t()
+        keep = select_confident(logits[None], 0.5)[0]
+        feature, mean_logits = views[0, keep].mean(0), logits[keep].mean(0)  # mean feature, not renormalised
+        probs = logits[keep].softmax(-1).mean(0)
+        mask = (probs > 0.3).float()
+        affinity = float(feature @ feature)
+        expected = mean_logits + math.exp(-8 * (1 - affinity)) * F.one_hot(mean_logits.argmax(), 3) \
+            - 0.117 * math.exp(-(1 - affinity)) * mask
+        torch.testing.assert_close(out[0], expected)
+        assert len(tda.negative[int(mean_logits.argmax())]) == 1
+    finally:
+        learner.clip.model.logit_scale.data.fill_(math.log(1 / 0.07))
+
+
+def test_views_are_seeded_in_range_and_augmix_ops_match_pil():
+    from PIL import Image, ImageOps
+
+    from promptkit.tta import augment
+
+    images = torch.randn(2, 3, 32, 32)
+    a = augment.make_views(images, 6, "augmix", torch.Generator().manual_seed(5))
+    b = augment.make_views(images, 6, "augmix", torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and torch.equal(a[:, 0], images)
+    pixels = augment.denormalize(a[:, 1:].flatten(0, 1))
+    assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
+    boxes = augment.crop_boxes(1000, torch.Generator().manual_seed(0))
+    area = boxes[:, 2] * boxes[:, 3]  # fraction of the image
+    assert (boxes[:, 2:] <= 1).all() and area.min() >= 0.08 - 1e-6
+    assert (boxes[:, :2].abs() + boxes[:, 2:] <= 1 + 1e-6).all()  # inside the image
+    u8 = torch.randint(0, 256, (1, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    pil = Image.fromarray(u8[0].permute(1, 2, 0).numpy())
+    x, level = u8.float() / 255, torch.tensor([1.0])
+    for ours, theirs in ((augment._posterize(x, level, 1), ImageOps.posterize(pil, 4)),
+                         (augment._solarize(x, level, 1), ImageOps.solarize(pil, 256 - 25)),
+                         (augment._autocontrast(x, level, 1), ImageOps.autocontrast(pil))):
+        expected = torch.tensor(np.array(theirs)).permute(2, 0, 1).float() / 255
+        torch.testing.assert_close((ours[0] * 255).round() / 255, expected, atol=1 / 255 + 1e-6, rtol=0)
+
+
+def test_pil_and_uint8_inputs(coop):
+    from PIL import Image
+
+    tpt = promptkit.TPT(coop, n_views=2, augment="crop", steps=0)
+    rgba = Image.new("RGBA", (48, 40), (200, 30, 30, 128))
+    gray = Image.new("L", (40, 48), 90)
+    assert tpt.views([rgba, gray]).shape == (2, 2, 3, 32, 32)   # converted to RGB, resized, centre-cropped
+    u8 = torch.full((1, 3, 32, 32), 255, dtype=torch.uint8)
+    torch.testing.assert_close(tpt.views(u8)[0, 0, 0], torch.full((32, 32), (1 - 0.48145466) / 0.26862954))
+

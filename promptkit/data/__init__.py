@@ -1,7 +1,8 @@
 """Datasets yielding `(image_tensor, label)`, each with `.classnames` and `.targets`."""
-from .folders import (BaseNovelSplit, CoOpSplitDataset, ImageFolderDataset, Subset, base_novel, few_shot,
-                      select_classes, train_transform)
+from .folders import (BaseNovelSplit, CoOpSplitDataset, ImageFolderDataset, Subset, base_novel, check_labels,
+                      few_shot, few_shot_val, select_classes, train_transform)
 from .procedural import CLASSNAMES, DOMAINS, ProceduralBenchmark, render
 
-__all__ = ["ImageFolderDataset", "CoOpSplitDataset", "Subset", "few_shot", "base_novel", "BaseNovelSplit",
-           "select_classes", "train_transform", "ProceduralBenchmark", "CLASSNAMES", "DOMAINS", "render"]
+__all__ = ["ImageFolderDataset", "CoOpSplitDataset", "Subset", "few_shot", "few_shot_val", "base_novel",
+           "BaseNovelSplit", "select_classes", "check_labels", "train_transform",
+           "ProceduralBenchmark", "CLASSNAMES", "DOMAINS", "render"]

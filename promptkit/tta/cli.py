@@ -13,7 +13,7 @@ from ..training.cli import add_model_and_data_args, load_model, load_split
 
 def configure(parser: argparse.ArgumentParser, command: str) -> None:
     add_model_and_data_args(parser)
-    parser.add_argument("--method", default="tpt", help="tpt, ctpt, zero or tda")
+    parser.add_argument("--method", default="tpt", help="a registered test-time adapter: tpt, ctpt, zero or tda")
     parser.add_argument("--load", default=None, help="save_pretrained prompts to start from (default: zero-shot "
                                                      "CLIP, as a CoOp context 'a photo of a' for TPT/C-TPT)")
     parser.add_argument("--split", default=None, help="split to adapt on (default: test; 'shifted' for procedural)")
@@ -44,16 +44,19 @@ def run(args: argparse.Namespace) -> int:
         learner = CoOp(clip, dataset.classnames, ctx_init="a photo of a")
     else:
         learner = ZeroShotCLIP(clip, dataset.classnames)
-    adapter = adapter_cls(learner, **parse_overrides(args.overrides))
+    try:
+        adapter = adapter_cls(learner, **parse_overrides(args.overrides))
+    except TypeError as err:  # a learner TPT cannot tune, or an unknown adapter keyword: a user mistake
+        raise ValueError(f"{args.method}: {err}") from err
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:args.limit]
     logits, labels, start = [], [], time.time()
-    bar = tqdm(order.split(args.batch_size), desc=f"{args.method} on {split}", unit="batch")
-    for batch in bar:
+    bar = tqdm(total=len(order), desc=f"{args.method} on {split}", unit="img")
+    for batch in order.split(args.batch_size):
         images = torch.stack([dataset[int(i)][0] for i in batch]).to(clip.device)
         logits.append(adapter(images).detach().float().cpu())
         labels += [dataset.targets[int(i)] for i in batch]
-        done = sum(len(x) for x in logits)
-        bar.set_postfix(img_s=f"{done / (time.time() - start):.1f}")
+        bar.update(len(batch))  # tqdm shows images/s
+    bar.close()
     metrics = classification_metrics(torch.cat(logits), torch.tensor(labels))
     seconds = time.time() - start
     print(json.dumps({"method": args.method, "split": split, "top1": round(metrics["top1"], 2),
