@@ -91,10 +91,11 @@ def crop_boxes(n: int, generator: torch.Generator, scale=(0.08, 1.0), ratio=(3 /
     return torch.stack([cx, cy, w, h], dim=1)
 
 
-def random_crops(images: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
-    """[B, n, 3, H, W] random resized crops of `images` [B, 3, H, W], each flipped with probability 1/2."""
+def random_crops(images: torch.Tensor, n: int, generator: torch.Generator, scale=(0.08, 1.0)) -> torch.Tensor:
+    """[B, n, 3, H, W] random resized crops of `images` [B, 3, H, W] covering `scale` of the image area,
+    each flipped with probability 1/2."""
     b, c, height, width = images.shape
-    boxes = crop_boxes(b * n, generator)
+    boxes = crop_boxes(b * n, generator, scale)
     flip = torch.where(torch.rand(b * n, generator=generator) < 0.5, -1.0, 1.0)
     theta = torch.zeros(b * n, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2] = boxes[:, 2] * flip, boxes[:, 0]
