@@ -37,3 +37,20 @@ def test_user_mistakes_are_one_line(tmp_path, capsys):
     assert "unknown method 'nope'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train"])
+
+
+def test_tta_on_an_image_folder(tmp_path, capsys):
+    """Image files reach the adapters as PIL photos of any size (TDA with its one default view; Zero
+    with crops cut from the photos), decoded in worker processes."""
+    from PIL import Image
+
+    for c, colour in enumerate(["red", "blue"]):
+        (tmp_path / f"class_{c}").mkdir()
+        for i, size in enumerate([(80, 60), (50, 70)]):
+            Image.new("RGB", size, colour).save(tmp_path / f"class_{c}" / f"{i}.png")
+    for method, extra in (("tda", []), ("zero", ["n_views=4"])):
+        capsys.readouterr()
+        assert main(["tta", "--arch", "test-vit", "--data", str(tmp_path), "--method", method, "--batch-size", "3",
+                     "--workers", "1", *extra]) == 0
+        result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert result["method"] == method and result["n"] == 4 and 0 <= result["top1"] <= 100

@@ -202,6 +202,26 @@ def test_tpt_on_image_prompted_learner_equals_reference(vit_clip, classnames, vi
     assert_unchanged(vit_clip, before)
 
 
+@pytest.mark.parametrize("method", ["coop", "maple"])
+@pytest.mark.parametrize("optimizer,lr", [("adamw", 5e-3), ("sgd", 5.0)])
+def test_tpt_under_fp16_autocast_scales_and_unscales_the_loss(vit_clip, classnames, views, method, optimizer, lr):
+    """The fp16 path (GPUs without native bf16), forced on the CPU: the loss is scaled by 1000 as TPT's
+    GradScaler and the gradient unscaled (SGD would step 1000x too far otherwise), on the batched path
+    (CoOp) and the per-sample path (MaPLe); the result stays within fp16 rounding of fp32."""
+    torch.manual_seed(0)
+    learner = promptkit.create_learner(method, vit_clip, classnames)
+    with torch.no_grad():
+        learner.ctx.add_(0.3 * torch.randn_like(learner.ctx))
+        plain = learner(views[:2, 0])
+    fp32 = promptkit.TPT(learner, steps=2, lr=lr, optimizer=optimizer, selection=0.25).adapt_views(views[:2])
+    half = promptkit.TPT(learner, steps=2, lr=lr, optimizer=optimizer, selection=0.25)
+    half.amp_dtype = lambda: torch.float16
+    assert half._loss_scale() == 1000.0
+    fp16 = half.adapt_views(views[:2])
+    effect = (fp32 - plain).abs().max()
+    assert effect > 0.05 and (fp16 - fp32).abs().max() < 0.05 * effect
+
+
 def test_ctpt_default_lambda_follows_the_label_set(vit_clip, classnames):
     assert promptkit.CTPT(promptkit.CoOp(vit_clip, classnames, n_ctx=2)).lambda_ == 50.0
     many = [f"class {i}" for i in range(200)]
@@ -230,17 +250,19 @@ def test_tda_caches_by_hand(vit_clip):
     f1 = F.normalize(torch.tensor([[1.0, 0.1, 0, 0]]), dim=-1)
     out1 = tda.adapt_features(f1.unsqueeze(1))
     # Only itself in the positive cache: affinity 1 -> +alpha * one_hot(pred).
-    torch.testing.assert_close(out1[0], scale * (f1 @ torch.eye(2, 4).t())[0] + torch.tensor([1.0, 0]))
+    torch.testing.assert_close(out1[0], scale * (f1 @ torch.eye(2, 4).t())[0] + torch.tensor([2.0, 0]))
     f2 = F.normalize(torch.tensor([[1.0, -0.3, 0, 0]]), dim=-1)  # same class, more confident: replaces f1
     tda.adapt_features(f2.unsqueeze(1))
-    assert len(tda.positive[0]) == 1 and torch.equal(tda.positive[0][0][1], f2[0])
+    assert len(tda.positive) == 1 and torch.equal(tda.positive.keys[0, 0], f2[0])
     f3 = F.normalize(torch.tensor([[1.0, 0.5, 0, 0]]), dim=-1)  # less confident: the cache keeps f2
     out3 = tda.adapt_features(f3.unsqueeze(1))
-    assert torch.equal(tda.positive[0][0][1], f2[0])
-    expected = scale * (f3 @ torch.eye(2, 4).t())[0] + torch.tensor([math.exp(-8.0 * (1 - float(f3[0] @ f2[0]))), 0])
+    assert len(tda.positive) == 1 and torch.equal(tda.positive.keys[0, 0], f2[0])
+    expected = scale * (f3 @ torch.eye(2, 4).t())[0] + torch.tensor([2 * math.exp(-5.0 * (1 - float(f3[0] @ f2[0]))), 0])
     torch.testing.assert_close(out3[0], expected)
     tda.reset()
-    assert tda.positive == {} and tda.negative == {}
+    out = tda.adapt_features(f3.unsqueeze(1))  # an empty cache again: only f3 itself
+    torch.testing.assert_close(out[0], scale * (f3 @ torch.eye(2, 4).t())[0] + torch.tensor([2.0, 0]))
+    assert len(tda.positive) == 1
 
 
 def test_tda_negative_cache_and_views_by_hand(vit_clip):
@@ -260,10 +282,10 @@ def test_tda_negative_cache_and_views_by_hand(vit_clip):
         probs = logits[keep].softmax(-1).mean(0)
         mask = (probs > 0.3).float()
         affinity = float(feature @ feature)
-        expected = mean_logits + math.exp(-8 * (1 - affinity)) * F.one_hot(mean_logits.argmax(), 3) \
+        expected = mean_logits + 2 * math.exp(-5 * (1 - affinity)) * F.one_hot(mean_logits.argmax(), 3) \
             - 0.117 * math.exp(-(1 - affinity)) * mask
         torch.testing.assert_close(out[0], expected)
-        assert len(tda.negative[int(mean_logits.argmax())]) == 1
+        assert len(tda.negative) == 1 and tda.negative.entropy[int(mean_logits.argmax())].isfinite().sum() == 1
     finally:
         learner.clip.model.logit_scale.data.fill_(math.log(1 / 0.07))
 
@@ -279,10 +301,20 @@ def test_views_are_seeded_in_range_and_augmix_ops_match_pil():
     assert torch.equal(a, b) and torch.equal(a[:, 0], images)
     pixels = augment.denormalize(a[:, 1:].flatten(0, 1))
     assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
-    boxes = augment.crop_boxes(1000, torch.Generator().manual_seed(0))
-    area = boxes[:, 2] * boxes[:, 3]  # fraction of the image
-    assert (boxes[:, 2:] <= 1).all() and area.min() >= 0.08 - 1e-6
-    assert (boxes[:, :2].abs() + boxes[:, 2:] <= 1 + 1e-6).all()  # inside the image
+    top, left, h, w = augment.crop_boxes(2000, torch.Generator().manual_seed(0), 60, 90).unbind(1)
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 60).all() and (left + w <= 90).all()
+    area = (h * w).float() / (60 * 90)  # integer boxes, as RandomResizedCrop: area within rounding of [0.08, 1]
+    assert area.min() > 0.07 and area.max() <= 1
+    from torchvision.transforms import RandomResizedCrop  # same distribution as torchvision's sampler
+    torch.manual_seed(0)
+    ref = torch.tensor([RandomResizedCrop.get_params(torch.zeros(3, 60, 90), (0.08, 1.0), (3 / 4, 4 / 3))[2:]
+                        for _ in range(2000)]).float()
+    for ours, theirs in ((h.float(), ref[:, 0]), (w.float(), ref[:, 1]), (area, ref.prod(1) / (60 * 90))):
+        assert abs(ours.mean() - theirs.mean()) < 0.04 * theirs.mean()
+    # A 1:4 image admits few crops with aspect in [3/4, 4/3]: the fallback is the centre crop with aspect 3/4.
+    boxes = augment.crop_boxes(500, torch.Generator().manual_seed(0), 200, 50)
+    fallback = boxes[(boxes[:, 2] == 67) & (boxes[:, 3] == 50)]
+    assert len(fallback) > 0 and (fallback[:, 0] == 66).all() and (fallback[:, 1] == 0).all()
     u8 = torch.randint(0, 256, (1, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     pil = Image.fromarray(u8[0].permute(1, 2, 0).numpy())
     x, level = u8.float() / 255, torch.tensor([1.0])
@@ -291,6 +323,37 @@ def test_views_are_seeded_in_range_and_augmix_ops_match_pil():
                          (augment._autocontrast(x, level, 1), ImageOps.autocontrast(pil))):
         expected = torch.tensor(np.array(theirs)).permute(2, 0, 1).float() / 255
         torch.testing.assert_close((ours[0] * 255).round() / 255, expected, atol=1 / 255 + 1e-6, rtol=0)
+
+
+def test_crops_of_photos_come_from_full_resolution(vit_clip, classnames):
+    """As TPT: crops of a PIL photo are cut from the photo itself, so a small crop keeps detail that
+    the model-size original (and crops of it) lost: 2-px stripes at 4x the model's resolution."""
+    from PIL import Image
+
+    from promptkit.tta import augment
+
+    stripes = np.tile((np.arange(128) // 2 % 2 * 255).astype(np.uint8), (128, 1))
+    photo = Image.fromarray(np.repeat(stripes[..., None], 3, axis=2))
+    zero = promptkit.Zero(promptkit.ZeroShotCLIP(vit_clip, classnames), n_views=16)
+    views = zero.views([photo])
+    contrast = augment.denormalize(views[0]).std(dim=(1, 2, 3))
+    assert contrast[0] < 0.05 and contrast[1:].max() > 0.2
+    from_tensor = augment.denormalize(zero.views(views[:, 0])[0]).std(dim=(1, 2, 3))
+    assert from_tensor.max() < 0.05
+
+
+def test_one_view_and_keeping_every_view(vit_clip, classnames):
+    learner = promptkit.ZeroShotCLIP(vit_clip, classnames)
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = learner(images)
+        features = learner.encode_image(images)
+    tda = promptkit.TDA(learner)  # one view per image by default: no crops
+    assert tda.views(images).shape == (3, 1, 3, 32, 32)
+    torch.testing.assert_close(tda(images), promptkit.TDA(learner).adapt_features(features[:, None]))
+    zero = promptkit.Zero(learner, keep=1.0, n_views=4)
+    assert zero(images).shape == (3, len(classnames))
+    assert promptkit.Zero(learner, n_views=1)(images).argmax(-1).tolist() == plain.argmax(-1).tolist()
 
 
 def test_pil_and_uint8_inputs(coop):
@@ -302,7 +365,6 @@ def test_pil_and_uint8_inputs(coop):
     assert tpt.views([rgba, gray]).shape == (2, 2, 3, 32, 32)   # converted to RGB, resized, centre-cropped
     u8 = torch.full((1, 3, 32, 32), 255, dtype=torch.uint8)
     torch.testing.assert_close(tpt.views(u8)[0, 0, 0], torch.full((32, 32), (1 - 0.48145466) / 0.26862954))
-
 
 
 def test_tpt_on_the_embedded_model_lowers_the_entropy_it_minimises():

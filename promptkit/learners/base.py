@@ -101,7 +101,10 @@ class PromptLearner(nn.Module):
         raise NotImplementedError
 
     def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-        return self.clip.logit_scale * image_features @ text_features.t().to(image_features.dtype)
+        """Scaled cosine logits [B, C], in fp32 even under autocast: at |logit| ~ 30, bf16's spacing of
+        0.125 flips near-tied predictions, pseudo-labels and votes."""
+        with torch.autocast(image_features.device.type, enabled=False):
+            return self.clip.logit_scale.float() * image_features.float() @ text_features.float().t()
 
     def forward(self, images: torch.Tensor | None = None, *, image_features: torch.Tensor | None = None,
                 text_features: torch.Tensor | None = None) -> torch.Tensor:

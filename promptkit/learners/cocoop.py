@@ -56,5 +56,6 @@ class CoCoOp(CoOp):
         logits = []
         for chunk in image_features.split(self.text_batch):
             text = self._conditioned(chunk)
-            logits.append(self.clip.logit_scale * torch.einsum("bd,bcd->bc", chunk, text.to(chunk.dtype)))
+            with torch.autocast(chunk.device.type, enabled=False):  # fp32 logits, as `PromptLearner.logits`
+                logits.append(self.clip.logit_scale.float() * torch.einsum("bd,bcd->bc", chunk.float(), text.float()))
         return torch.cat(logits)

@@ -28,16 +28,18 @@ def load_model(args):
     return load_clip(args.arch, args.pretrained, device=device, precision=args.precision)
 
 
-def load_split(args, clip, split: str, shots: int | None = None, seed: int = 1):
-    """The dataset for `split` ("train", "val", "test"; "shifted" for the procedural benchmark)."""
+def load_split(args, clip, split: str, shots: int | None = None, seed: int = 1, photos: bool = False):
+    """The dataset for `split` ("train", "val", "test"; "shifted" for the procedural benchmark); image
+    files come preprocessed, or as PIL images with `photos`."""
     from ..data import CoOpSplitDataset, ImageFolderDataset, ProceduralBenchmark, few_shot
 
     if args.data == "procedural":
         return ProceduralBenchmark().split(split, shots=shots, seed=seed, classes=args.classes)
+    transform = None if photos else clip.preprocess
     if args.split_json:
-        dataset = CoOpSplitDataset(args.data, args.split_json, split, transform=clip.preprocess)
+        dataset = CoOpSplitDataset(args.data, args.split_json, split, transform=transform)
     else:
-        dataset = ImageFolderDataset(args.data, transform=clip.preprocess)
+        dataset = ImageFolderDataset(args.data, transform=transform)
     dataset = _classes(args, dataset)
     return few_shot(dataset, shots, seed) if shots else dataset
 
@@ -92,10 +94,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _folder(args, clip):
+def _folder(args, clip, photos: bool = False):
     from ..data import ImageFolderDataset
 
-    return _classes(args, ImageFolderDataset(args.data, transform=clip.preprocess))
+    return _classes(args, ImageFolderDataset(args.data, transform=None if photos else clip.preprocess))
 
 
 def _classes(args, dataset):

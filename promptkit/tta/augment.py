@@ -1,14 +1,12 @@
 """TPT's view generator, batched: the original plus `n_views - 1` random resized crops with flips
 (optionally AugMix), as tensors on the images' device.
 
-Crops follow torchvision's RandomResizedCrop rule (scale 0.08-1, ratio 3/4-4/3) and are resampled
-for all views at once with one bilinear `grid_sample`; normalised images can be cropped directly
-because resampling is linear. AugMix works on pixels in [0, 1]: the views are un-normalised with the
-preprocessing mean/std (CLIP's unless the model's preprocess says otherwise), mixed, and normalised again.
-
-One difference from the research code: TPT crops the full-resolution PIL image, here the crops come
-from the preprocessed (resized, centre-cropped) image, so that views are cheap batched tensor ops.
-For square-ish photos the two coincide; for wide images the crops never reach the cut-off borders.
+Crops follow torchvision's RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3, integer pixel boxes, 10
+attempts then a centre crop), as TPT draws them. Like TPT, crops of PIL images are cut from the
+full-resolution photo and resized with antialiasing, so a small crop keeps the detail the 224-px
+original lost; an already preprocessed tensor can only be cropped and upsampled in place (one batched
+`grid_sample`): pass PIL images for TPT's views. AugMix works on pixels in [0, 1], un-normalised with
+the preprocessing mean/std (CLIP's unless the model's preprocess says otherwise) and normalised again.
 """
 from __future__ import annotations
 
@@ -60,6 +58,16 @@ def as_image_batch(images, preprocess=None, image_size: int | None = None, mean=
     return images.float()
 
 
+def photo_pixels(images) -> list[torch.Tensor] | None:
+    """Full-resolution RGB pixels in [0, 1] ([3, H, W] each) of PIL images, or None for tensors."""
+    if torch.is_tensor(images) or (isinstance(images, (list, tuple)) and images and torch.is_tensor(images[0])):
+        return None
+    import torchvision.transforms.v2.functional as TF
+
+    photos = images if isinstance(images, (list, tuple)) else [images]
+    return [TF.pil_to_tensor(photo.convert("RGB")).float() / 255 for photo in photos]
+
+
 def normalize(pixels: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
     m, s = _channels(mean, pixels), _channels(std, pixels)
     return (pixels - m) / s
@@ -73,35 +81,60 @@ def _channels(values, like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=like.dtype, device=like.device).view(3, 1, 1)
 
 
-def crop_boxes(n: int, generator: torch.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
-    """[n, 4] boxes (cx, cy, w, h) in [-1, 1] coordinates of a square image, RandomResizedCrop's
-    distribution (10 attempts per box, falling back to the whole image)."""
+def crop_boxes(n: int, generator: torch.Generator, height: int, width: int, scale=(0.08, 1.0),
+               ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
+    """[n, 4] integer boxes (top, left, h, w) in a `height` x `width` image, RandomResizedCrop's rule: up to
+    10 attempts at an area fraction ~ U(scale) and log aspect ~ U(log ratio), else the centre crop of the
+    image clamped to `ratio`."""
     attempts = 10
-    area = torch.empty(n, attempts).uniform_(*scale, generator=generator)
+    area = torch.empty(n, attempts).uniform_(*scale, generator=generator) * (height * width)
     log_ratio = torch.empty(n, attempts).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
     aspect = log_ratio.exp()
-    w, h = (area * aspect).sqrt(), (area / aspect).sqrt()
-    ok = (w <= 1) & (h <= 1)
-    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1))
-    pick = first.clamp(min=0)[:, None]
-    w = torch.where(first >= 0, w.gather(1, pick).squeeze(1), torch.ones(n))
-    h = torch.where(first >= 0, h.gather(1, pick).squeeze(1), torch.ones(n))
-    cx = (torch.rand(n, generator=generator) * 2 - 1) * (1 - w)
-    cy = (torch.rand(n, generator=generator) * 2 - 1) * (1 - h)
-    return torch.stack([cx, cy, w, h], dim=1)
+    w, h = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = ok.float().argmax(1, keepdim=True)
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        fallback = (width, round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        fallback = (round(height * ratio[1]), height)
+    else:
+        fallback = (width, height)
+    found = ok.any(1)
+    w = torch.where(found, w.gather(1, first).squeeze(1), float(fallback[0]))
+    h = torch.where(found, h.gather(1, first).squeeze(1), float(fallback[1]))
+    top = (torch.rand(n, generator=generator) * (height - h + 1)).floor()
+    left = (torch.rand(n, generator=generator) * (width - w + 1)).floor()
+    top = torch.where(found, top, ((height - h) / 2).floor())
+    left = torch.where(found, left, ((width - w) / 2).floor())
+    return torch.stack([top, left, h, w], dim=1).long()
 
 
 def random_crops(images: torch.Tensor, n: int, generator: torch.Generator, scale=(0.08, 1.0)) -> torch.Tensor:
     """[B, n, 3, H, W] random resized crops of `images` [B, 3, H, W] covering `scale` of the image area,
-    each flipped with probability 1/2."""
+    each flipped with probability 1/2, resampled in place (bilinear)."""
     b, c, height, width = images.shape
-    boxes = crop_boxes(b * n, generator, scale)
+    top, left, h, w = crop_boxes(b * n, generator, height, width, scale).float().unbind(1)
     flip = torch.where(torch.rand(b * n, generator=generator) < 0.5, -1.0, 1.0)
     theta = torch.zeros(b * n, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 2] = boxes[:, 2] * flip, boxes[:, 0]
-    theta[:, 1, 1], theta[:, 1, 2] = boxes[:, 3], boxes[:, 1]
+    theta[:, 0, 0], theta[:, 0, 2] = w / width * flip, (2 * left + w) / width - 1
+    theta[:, 1, 1], theta[:, 1, 2] = h / height, (2 * top + h) / height - 1
     source = images.unsqueeze(1).expand(-1, n, -1, -1, -1).reshape(b * n, c, height, width)
     return _warp(source, theta, padding="border").view(b, n, c, height, width)
+
+
+def photo_crops(pixels: torch.Tensor, n: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """[n, 3, size, size] random resized crops of one full-resolution image `pixels` [3, H, W] (any
+    size), each resized with antialiased bilinear interpolation (torchvision's tensor RandomResizedCrop)
+    and flipped with probability 1/2."""
+    boxes = crop_boxes(n, generator, *pixels.shape[-2:]).tolist()
+    flip = (torch.rand(n, generator=generator) < 0.5).tolist()
+    crops = []
+    for (top, left, h, w), mirrored in zip(boxes, flip):
+        crop = F.interpolate(pixels[None, :, top:top + h, left:left + w], size=(size, size), mode="bilinear",
+                             antialias=True, align_corners=False)
+        crops.append(crop.flip(-1) if mirrored else crop)
+    return torch.cat(crops).clamp(0, 1)
 
 
 def _warp(x: torch.Tensor, theta: torch.Tensor, padding: str) -> torch.Tensor:
@@ -207,23 +240,31 @@ def augmix(pixels: torch.Tensor, generator: torch.Generator, severity: float = 1
 
 
 def make_views(images: torch.Tensor, n_views: int, mode: str = "crop", generator: torch.Generator | None = None,
-               mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+               mean=CLIP_MEAN, std=CLIP_STD, photos: list[torch.Tensor] | None = None) -> torch.Tensor:
     """[B, n_views, 3, H, W] views of preprocessed `images` [B, 3, H, W]: view 0 is the image itself,
     the others random resized crops with flips ("crop"), AugMix-ed as well for "augmix".
 
     Args:
-        images: normalised with `mean` / `std` (AugMix un-normalises them to pixels and back).
+        images: normalised with `mean` / `std`.
         n_views: views per image, the original included.
         mode: "crop" or "augmix".
         generator: CPU generator for all random draws (default: seeded with 0).
+        photos: optional full-resolution pixels in [0, 1] ([3, H_i, W_i], one per image) to cut the
+            crops from, as TPT does; default: crop `images` themselves.
     """
     if mode not in ("crop", "augmix"):
         raise ValueError(f"augment must be 'crop' or 'augmix' ('auto' is resolved by the adapter), got {mode!r}")
     if n_views < 1:
         raise ValueError(f"n_views must be >= 1, got {n_views}")
+    if n_views == 1:
+        return images.unsqueeze(1)
     generator = generator or torch.Generator().manual_seed(0)
-    crops = random_crops(images, n_views - 1, generator)
-    if mode == "augmix" and n_views > 1:
-        flat = denormalize(crops.flatten(0, 1), mean, std).clamp(0, 1)
-        crops = normalize(augmix(flat, generator), mean, std).view_as(crops)
-    return torch.cat([images.unsqueeze(1), crops], dim=1)
+    if photos is None:
+        crops = denormalize(random_crops(images, n_views - 1, generator), mean, std)
+    else:
+        size = images.shape[-1]
+        crops = torch.stack([photo_crops(p.to(images.device, images.dtype), n_views - 1, size, generator)
+                             for p in photos])
+    if mode == "augmix":
+        crops = augmix(crops.flatten(0, 1).clamp(0, 1), generator).view_as(crops)
+    return torch.cat([images.unsqueeze(1), normalize(crops, mean, std)], dim=1)

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from .augment import CLIP_MEAN, CLIP_STD, MODES, as_image_batch, make_views
+from .augment import CLIP_MEAN, CLIP_STD, MODES, as_image_batch, make_views, photo_pixels
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -42,11 +42,13 @@ class ViewAdapter(nn.Module):
     Args:
         learner: the prompt learner being adapted (never modified).
         n_views: views per image, the original included.
-        augment: "crop", "augmix" or "auto": as TPT, plain crops for ImageNet-scale label sets (>= 200
-            classes: ImageNet and its natural-shift variants) and AugMix for fine-grained sets.
+        augment: "crop", "augmix" or "auto": plain crops for ImageNet-scale label sets (>= 200 classes:
+            ImageNet and its natural-shift variants) and AugMix for smaller, fine-grained sets. TPT
+            decides by dataset name (AugMix for SUN397's 397 classes too): pass it explicitly to match.
         seed: seed of the view generator (a stream: later batches get new views).
-        autocast: on CUDA, run the encoders under bf16 autocast (fp16 where bf16 is unsupported),
-            as the research code runs under AMP; entropies, losses and the prompt update stay fp32.
+        autocast: on CUDA, run the encoders under bf16 autocast (fp16 where bf16 is not native; TPT
+            then scales its loss as TPT's GradScaler does), as the research code runs under AMP; logits,
+            entropies, losses and the prompt update stay fp32.
     """
 
     def __init__(self, learner, n_views: int = 64, augment: str = "auto", seed: int = 0, autocast: bool = True):
@@ -61,13 +63,15 @@ class ViewAdapter(nn.Module):
         self.generator = torch.Generator().manual_seed(seed)
 
     def views(self, images) -> torch.Tensor:
-        """[B, n_views, 3, H, W] views of PIL images or an image tensor (see `augment.as_image_batch`)."""
+        """[B, n_views, 3, H, W] views of PIL images or an image tensor (see `augment.as_image_batch`);
+        crops of PIL images are cut from the full-resolution photo, as TPT does."""
         clip = self.learner.clip
         size = clip.model.visual.image_size
         size = size[0] if isinstance(size, (tuple, list)) else size
         mean, std = _normalisation(clip.preprocess)
+        photos = photo_pixels(images)
         images = as_image_batch(images, clip.preprocess, size, mean, std).to(clip.device)
-        return make_views(images, self.n_views, self.augment, self.generator, mean, std)
+        return make_views(images, self.n_views, self.augment, self.generator, mean, std, photos)
 
     def forward(self, images) -> torch.Tensor:
         """Logits [B, C] for PIL images or a preprocessed image tensor [B, 3, H, W]."""
@@ -77,13 +81,23 @@ class ViewAdapter(nn.Module):
         """Logits [B, C] from views [B, V, 3, H, W] (view 0: the un-augmented image)."""
         raise NotImplementedError
 
+    def amp_dtype(self) -> torch.dtype | None:
+        """The encoders' autocast dtype: None off CUDA or with autocast=False; bf16 where the GPU has it
+        natively, else fp16 (V100, T4: emulated bf16 would be slow)."""
+        if not (self.autocast and self.learner.clip.device.type == "cuda"):
+            return None
+        try:
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # torch < 2.3 has no emulation
+            native = torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if native else torch.float16
+
     def amp(self):
-        """Autocast context for the encoders (a no-op off CUDA or with autocast=False)."""
-        device = self.learner.clip.device
-        if not (self.autocast and device.type == "cuda"):
+        """Autocast context for the encoders (a no-op when `amp_dtype()` is None)."""
+        dtype = self.amp_dtype()
+        if dtype is None:
             return contextlib.nullcontext()
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
+        return torch.autocast(self.learner.clip.device.type, dtype=dtype)
 
     @torch.no_grad()
     def view_features(self, views: torch.Tensor) -> torch.Tensor:

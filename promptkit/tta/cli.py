@@ -6,6 +6,7 @@ import json
 import time
 
 import torch
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from ..training.cli import add_model_and_data_args, load_model, load_split
@@ -19,6 +20,7 @@ def configure(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--split", default=None, help="split to adapt on (default: test; 'shifted' for procedural)")
     parser.add_argument("--batch-size", type=int, default=16, help="test images adapted at once")
     parser.add_argument("--limit", type=int, default=None, help="only the first N images (in a seeded order)")
+    parser.add_argument("--workers", type=int, default=2, help="image decoding processes (0: in the main process)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="adapter keywords, e.g. steps=1 n_views=64")
 
 
@@ -32,11 +34,12 @@ def run(args: argparse.Namespace) -> int:
 
     clip = load_model(args)
     split = args.split or ("shifted" if args.data == "procedural" else "test")
+    # Image files reach the adapter as PIL images: as in TPT, crops are cut from the full-resolution photo.
     if args.data != "procedural" and not args.split_json:
         from ..training.cli import _folder
-        dataset = _folder(args, clip)
+        dataset = _folder(args, clip, photos=True)
     else:
-        dataset = load_split(args, clip, split)
+        dataset = load_split(args, clip, split, photos=True)
     adapter_cls = ADAPTERS.get(args.method)
     if args.load:
         learner = load_pretrained(args.load, clip, classnames=dataset.classnames)
@@ -48,14 +51,15 @@ def run(args: argparse.Namespace) -> int:
         adapter = adapter_cls(learner, **parse_overrides(args.overrides))
     except TypeError as err:  # a learner TPT cannot tune, or an unknown adapter keyword: a user mistake
         raise ValueError(f"{args.method}: {err}") from err
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:args.limit]
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:args.limit].tolist()
+    loader = DataLoader(Subset(dataset, order), batch_size=args.batch_size, num_workers=args.workers,
+                        collate_fn=_collate)  # decoding overlaps adaptation
     logits, labels, start = [], [], time.time()
     bar = tqdm(total=len(order), desc=f"{args.method} on {split}", unit="img")
-    for batch in order.split(args.batch_size):
-        images = torch.stack([dataset[int(i)][0] for i in batch]).to(clip.device)
+    for images, targets in loader:
         logits.append(adapter(images).detach().float().cpu())
-        labels += [dataset.targets[int(i)] for i in batch]
-        bar.update(len(batch))  # tqdm shows images/s
+        labels += targets
+        bar.update(len(targets))  # tqdm shows images/s
     bar.close()
     metrics = classification_metrics(torch.cat(logits), torch.tensor(labels))
     seconds = time.time() - start
@@ -63,3 +67,9 @@ def run(args: argparse.Namespace) -> int:
                       "top5": round(metrics["top5"], 2), "ece": round(metrics["ece"], 2), "n": metrics["n"],
                       "images_per_s": round(metrics["n"] / seconds, 2)}))
     return 0
+
+
+def _collate(samples):
+    """PIL images stay a list (the adapter preprocesses them); tensors are stacked."""
+    images, targets = zip(*samples)
+    return (torch.stack(images) if torch.is_tensor(images[0]) else list(images)), [int(t) for t in targets]

@@ -5,10 +5,46 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from ..registry import register_adapter
 from .base import ViewAdapter, entropy, marginal_entropy, select_confident
+
+
+class FeatureCache:
+    """Per class, the `shots` lowest-entropy (feature, value) pairs seen so far, as dense tensors so that
+    an update and a read are a few tensor ops with no host synchronisation.
+
+    `entropy` [C, shots] is inf in empty slots, `keys` [C, shots, D] the features, `values` [C, shots, C]
+    the per-item class weights (None: one-hot of the item's class, the positive cache).
+    """
+
+    def __init__(self, n_classes: int, shots: int, dim: int, masked: bool, device):
+        self.entropy = torch.full((n_classes, shots), math.inf, device=device)
+        self.keys = torch.zeros(n_classes, shots, dim, device=device)
+        self.values = torch.zeros(n_classes, shots, n_classes, device=device) if masked else None
+
+    def __len__(self) -> int:
+        return int(self.entropy.isfinite().sum())
+
+    def add(self, label: torch.Tensor, ent: torch.Tensor, feature: torch.Tensor, value=None,
+            admit: torch.Tensor | bool = True) -> None:
+        """If `admit`, puts the item in an empty slot of its class, or in place of the class's highest-entropy
+        item when its own entropy is strictly lower (TDA's rule)."""
+        if self.entropy.shape[1] == 0:
+            return
+        slot = self.entropy[label].argmax()                       # an empty slot (inf) first
+        better = (ent < self.entropy[label, slot]) & admit
+        self.entropy[label, slot] = torch.where(better, ent, self.entropy[label, slot])
+        self.keys[label, slot] = torch.where(better, feature, self.keys[label, slot])
+        if self.values is not None:
+            self.values[label, slot] = torch.where(better, value, self.values[label, slot])
+
+    def affinity(self, feature: torch.Tensor, beta: float) -> torch.Tensor:
+        """sum over cached items of exp(-beta (1 - feature . key)) * value: [C]."""
+        weight = torch.exp(-beta * (1 - self.keys @ feature)) * self.entropy.isfinite()        # [C, shots]
+        if self.values is None:
+            return weight.sum(1)
+        return weight.flatten() @ self.values.flatten(0, 1)
 
 
 @register_adapter("tda")
@@ -27,12 +63,13 @@ class TDA(ViewAdapter):
               - neg_alpha * exp(-neg_beta (1 - f.k)) @ masks, over the cached features k (the image's
        own feature included, since the caches are updated first).
 
-    Defaults are TDA's ImageNet configuration (one view per image). Caches persist across calls, so
-    feed one dataset as one stream and call `reset()` before the next.
+    Defaults are TDA's ImageNet configuration (`configs/imagenet.yaml`, one view per image); its other
+    datasets change `pos_alpha`/`pos_beta` (e.g. ImageNet-R and -V 1.0/8.0). Caches persist across
+    calls, so feed one dataset as one stream and call `reset()` before the next.
 
     Args:
         learner: any learner (its text side is fixed).
-        pos_shots, pos_alpha, pos_beta: positive cache capacity per class and weights (3, 1.0, 8.0).
+        pos_shots, pos_alpha, pos_beta: positive cache capacity per class and weights (3, 2.0, 5.0).
         neg_shots, neg_alpha, neg_beta: negative cache capacity per class and weights (2, 0.117, 1.0).
         neg_entropy: (low, high) window of normalised entropy for the negative cache (0.2, 0.5).
         neg_mask: (low, high) probability window of the negative mask (0.03, 1.0).
@@ -42,7 +79,7 @@ class TDA(ViewAdapter):
         seed, autocast: see `ViewAdapter`.
     """
 
-    def __init__(self, learner, pos_shots: int = 3, pos_alpha: float = 1.0, pos_beta: float = 8.0,
+    def __init__(self, learner, pos_shots: int = 3, pos_alpha: float = 2.0, pos_beta: float = 5.0,
                  neg_shots: int = 2, neg_alpha: float = 0.117, neg_beta: float = 1.0,
                  neg_entropy=(0.2, 0.5), neg_mask=(0.03, 1.0), selection: float = 0.1, n_views: int = 1,
                  augment: str = "augmix", seed: int = 0, autocast: bool = True):
@@ -55,9 +92,9 @@ class TDA(ViewAdapter):
         self.reset()
 
     def reset(self) -> None:
-        """Empties both caches: class -> list of (entropy, feature, value), lowest entropy first."""
-        self.positive: dict[int, list] = {}
-        self.negative: dict[int, list] = {}
+        """Empties both caches (they are allocated by the next image)."""
+        self.positive: FeatureCache | None = None
+        self.negative: FeatureCache | None = None
 
     @torch.no_grad()
     def adapt_views(self, views: torch.Tensor) -> torch.Tensor:
@@ -69,13 +106,16 @@ class TDA(ViewAdapter):
     def adapt_features(self, features: torch.Tensor) -> torch.Tensor:
         """Normalised view features [B, V, D] -> logits [B, C], updating the caches image by image."""
         learner = self.learner
-        b, v = features.shape[:2]
+        b, v, dim = features.shape
         with self.amp():
-            logits = learner(image_features=features.flatten(0, 1), text_features=learner.text_features())
-        logits = logits.float().view(b, v, -1)
+            text = learner.text_features()
+        logits = learner(image_features=features.flatten(0, 1).float(), text_features=text).float().view(b, v, -1)
         n_classes = logits.shape[-1]
+        if self.positive is None:
+            self.positive = FeatureCache(n_classes, self.pos_shots, dim, False, features.device)
+            self.negative = FeatureCache(n_classes, self.neg_shots, dim, True, features.device)
         out = []
-        for f, view_logits in zip(features, logits):                      # a stream: order matters
+        for f, view_logits in zip(features.float(), logits):             # a stream: order matters
             if v > 1:
                 keep = select_confident(view_logits.unsqueeze(0), self.selection)[0]
                 chosen = view_logits[keep]
@@ -84,34 +124,12 @@ class TDA(ViewAdapter):
             else:
                 feature, sample_logits = f[0], view_logits[0]
                 probs, ent = sample_logits.softmax(-1), entropy(sample_logits)
-            label, ent = int(sample_logits.argmax()), float(ent)
-            self._update(self.positive, label, ent, feature, None, self.pos_shots)
-            if self.neg_entropy[0] < ent / math.log2(n_classes) < self.neg_entropy[1]:  # TDA's normalisation
-                mask = ((probs > self.neg_mask[0]) & (probs < self.neg_mask[1])).float()
-                self._update(self.negative, label, ent, feature, mask, self.neg_shots)
-            final = sample_logits + self.pos_alpha * self._affinity(feature, self.positive, self.pos_beta, n_classes)
-            out.append(final - self.neg_alpha * self._affinity(feature, self.negative, self.neg_beta, n_classes))
+            label = sample_logits.argmax()
+            self.positive.add(label, ent, feature)
+            low, high = self.neg_entropy
+            uncertain = (low < ent / math.log2(n_classes)) & (ent / math.log2(n_classes) < high)  # TDA's normalisation
+            mask = ((probs > self.neg_mask[0]) & (probs < self.neg_mask[1])).float()
+            self.negative.add(label, ent, feature, mask, admit=uncertain)
+            out.append(sample_logits + self.pos_alpha * self.positive.affinity(feature, self.pos_beta)
+                       - self.neg_alpha * self.negative.affinity(feature, self.neg_beta))
         return torch.stack(out)
-
-    @staticmethod
-    def _update(cache: dict, label: int, ent: float, feature: torch.Tensor, value, capacity: int) -> None:
-        """Adds the item if the class has room, else replaces the class's highest-entropy item if this one is lower."""
-        if capacity == 0:
-            return
-        items = cache.setdefault(label, [])
-        if len(items) < capacity:
-            items.append((ent, feature, value))
-        elif ent < items[-1][0]:
-            items[-1] = (ent, feature, value)
-        items.sort(key=lambda item: item[0])
-
-    @staticmethod
-    def _affinity(feature: torch.Tensor, cache: dict, beta: float, n_classes: int) -> torch.Tensor:
-        """exp(-beta (1 - feature . keys)) @ values over all cached items ([C]; zeros for an empty cache)."""
-        items = [(label, key, value) for label in sorted(cache) for _, key, value in cache[label]]
-        if not items:
-            return feature.new_zeros(n_classes)
-        keys = torch.stack([key for _, key, _ in items])
-        values = torch.stack([F.one_hot(torch.tensor(label), n_classes).to(feature) if value is None else value
-                              for label, _, value in items])
-        return torch.exp(-beta * (1 - keys @ feature)) @ values

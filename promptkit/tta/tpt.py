@@ -19,7 +19,8 @@ class TPT(ViewAdapter):
     mean softmax (log space); torch's AdamW (default betas, eps, weight decay) at `lr`; prompt and
     optimizer state reset for every sample; the prediction is view 0's with the adapted prompt.
     Episodic: the learner is unchanged afterwards. On CoCoOp, as TPT does, the tuned context is the
-    image-conditioned one (context + Meta-Net(view 0)), shared by all views of that image.
+    image-conditioned one (context + Meta-Net(view 0)), shared by all views of that image; the Meta-Net
+    sees view 0's normalised feature, as in CoCoOp (TPT's CoCoOp code feeds the unnormalised one).
 
     What is not recomputed (results are the same up to float rounding):
     - the views' image features: encoded once per sample, reused by every step and the prediction;
@@ -88,6 +89,7 @@ class TPT(ViewAdapter):
             else:  # TPT on CoCoOp: the context conditioned on the original image is what gets tuned
                 start = learner.ctx + learner.meta_net(features[:, 0].to(learner.ctx.dtype)).unsqueeze(1)
         copies = start.detach().clone().requires_grad_(True)   # one independent prompt per sample
+        loss_scale = self._loss_scale()
         optimizer = (torch.optim.AdamW([copies], lr=self.lr) if self.optimizer == "adamw"
                      else torch.optim.SGD([copies], lr=self.lr))
         chosen = None
@@ -104,12 +106,13 @@ class TPT(ViewAdapter):
                 logits = gather_views(logits, selected)
             else:
                 logits = scale * chosen @ text.transpose(-1, -2)
-            loss = (marginal_entropy(logits) + self.extra_loss(text)).sum()
+            loss = (marginal_entropy(logits) + self.extra_loss(text)).sum() * loss_scale
             if step == 0 and shared:
                 cotangents, = torch.autograd.grad(loss, text)                           # dL_b / dT, per sample
-                copies.grad, = torch.autograd.grad(text0, leaf, cotangents, retain_graph=True, is_grads_batched=True)
+                grad, = torch.autograd.grad(text0, leaf, cotangents, retain_graph=True, is_grads_batched=True)
             else:
-                copies.grad, = torch.autograd.grad(loss, copies)
+                grad, = torch.autograd.grad(loss, copies)
+            copies.grad = _unscale(grad, loss_scale, per_sample=True)
             optimizer.step()
         with torch.no_grad():
             if self.steps == 0 and shared:
@@ -117,6 +120,11 @@ class TPT(ViewAdapter):
             else:
                 text = self._text(copies)
             return scale * (features[:, :1] @ text.transpose(-1, -2)).squeeze(1)
+
+    def _loss_scale(self) -> float:
+        """Under fp16 autocast, gradients through the text encoder can underflow: scale the loss by TPT's
+        GradScaler initial scale (1000) and unscale the gradient."""
+        return 1000.0 if self.amp_dtype() is torch.float16 else 1.0
 
     def _text(self, copies: torch.Tensor) -> torch.Tensor:
         """Text features [B, C, D] (fp32) for B context copies: one text pass over B x C prompts."""
@@ -133,7 +141,8 @@ class TPT(ViewAdapter):
         encoded once per value of the learner's context."""
         learner = self.learner
         ctx = learner.ctx
-        key = (ctx._version, ctx.data_ptr(), ctx.device, self.autocast)
+        key = (ctx._version, ctx.data_ptr(), ctx.device, self.amp_dtype(), learner.tokens.data_ptr(),
+               learner.ctx_pos.data_ptr())
         if self._step0 is None or self._step0[0] != key:
             leaf = ctx.detach().requires_grad_(True)
             with torch.enable_grad(), self.amp():
@@ -149,6 +158,7 @@ class TPT(ViewAdapter):
         saved, saved_grad = ctx.detach().clone(), ctx.grad
         optimizer = (torch.optim.AdamW([ctx], lr=self.lr) if self.optimizer == "adamw"
                      else torch.optim.SGD([ctx], lr=self.lr))
+        loss_scale = self._loss_scale()
         try:
             selected = None
             for _ in range(self.steps):
@@ -159,8 +169,9 @@ class TPT(ViewAdapter):
                 if selected is None:
                     selected = select_confident(logits.detach(), self.selection)[0]
                     logits = logits[:, selected]
-                loss = (marginal_entropy(logits) + self.extra_loss(text.float().unsqueeze(0))).sum()
-                ctx.grad, = torch.autograd.grad(loss, ctx)   # only ctx: other prompt tensors get no .grad
+                loss = (marginal_entropy(logits) + self.extra_loss(text.float().unsqueeze(0))).sum() * loss_scale
+                grad, = torch.autograd.grad(loss, ctx)   # only ctx: other prompt tensors get no .grad
+                ctx.grad = _unscale(grad, loss_scale, per_sample=False)
                 optimizer.step()
             with torch.no_grad(), self.amp():
                 return learner(views[:1]).float()
@@ -176,16 +187,28 @@ class CTPT(TPT):
     features to their centroid; keeping the class features spread out keeps the adapted prompt calibrated.
 
     Args:
-        lambda_: ATFD weight; None picks the paper's value by the label set, as `augment="auto"`:
-            20 for ImageNet-scale natural shifts (>= 200 classes), 50 for fine-grained sets.
+        lambda_: ATFD weight; None picks the paper's value by the label set: 20 for ImageNet-scale
+            natural shifts (>= 200 classes), 50 for fine-grained sets.
+        augment: "augmix" (C-TPT's scripts use AugMix views for every dataset, ImageNet included),
+            "crop" or "auto".
         **kwargs: as TPT.
     """
 
-    def __init__(self, learner, lambda_: float | None = None, **kwargs):
-        super().__init__(learner, **kwargs)
+    def __init__(self, learner, lambda_: float | None = None, augment: str = "augmix", **kwargs):
+        super().__init__(learner, augment=augment, **kwargs)
         self.lambda_ = (20.0 if learner.n_classes >= 200 else 50.0) if lambda_ is None else float(lambda_)
 
     def extra_loss(self, text_features: torch.Tensor) -> torch.Tensor:
         centroid = text_features.mean(dim=-2, keepdim=True)
         atfd = (text_features - centroid).norm(dim=-1).mean(dim=-1)
         return -self.lambda_ * atfd
+
+
+def _unscale(grad: torch.Tensor, scale: float, per_sample: bool) -> torch.Tensor:
+    """grad / scale, with an overflowed gradient (fp16) zeroed, per sample (dim 0) or whole, as GradScaler
+    skips the step."""
+    if scale == 1.0:
+        return grad
+    grad = grad / scale
+    finite = grad.flatten(1).isfinite().all(1) if per_sample else grad.isfinite().all()
+    return torch.where(finite.view(-1, *[1] * (grad.dim() - 1)) if per_sample else finite, grad, 0.0)

@@ -12,10 +12,10 @@ class Zero(ViewAdapter):
     """Test-time augmentation at zero temperature, no backward: keep the `keep` most confident views
     (lowest entropy), let each vote for its argmax class, and predict the majority.
 
-    Ties are broken as in the reference code, greedily: the first of the other views whose argmax is
-    one of the tied classes decides, and its class gets one extra vote (the reference scans the views
-    after the first `k` in input order; here they are scanned by confidence, most confident first);
-    if none of them picks a tied class, the original image's logits decide.
+    Ties are broken greedily as in the reference code: the discarded views are scanned by confidence,
+    most confident first, and the first one whose argmax is a tied class gives that class one more vote.
+    If none does (or none was discarded), the original image's logits decide among the tied classes
+    (the reference falls back to a discarded view, and its mask there does not pick the tied classes).
 
     Returns log vote shares as logits, so softmax gives the vote distribution (what ECE sees); classes
     without votes get a 1e-6 floor scaled by the kept views' mean probability, which orders them for top-5.
@@ -24,10 +24,11 @@ class Zero(ViewAdapter):
         learner: any learner.
         keep: fraction of views kept (Zero: 0.3).
         n_views: views per image including the original (Zero: 64).
-        augment, seed, autocast: see `ViewAdapter`.
+        augment: "crop" (Zero: random resized crops and flips for every dataset), "augmix" or "auto".
+        seed, autocast: see `ViewAdapter`.
     """
 
-    def __init__(self, learner, keep: float = 0.3, n_views: int = 64, augment: str = "auto", seed: int = 0,
+    def __init__(self, learner, keep: float = 0.3, n_views: int = 64, augment: str = "crop", seed: int = 0,
                  autocast: bool = True):
         if not 0 < keep <= 1:
             raise ValueError(f"keep must be in (0, 1], got {keep}")
@@ -53,11 +54,10 @@ class Zero(ViewAdapter):
         kept = gather_views(predictions, order[:, :k])
         votes = torch.zeros(b, n_classes, device=logits.device).scatter_add_(1, kept, torch.ones_like(kept, dtype=torch.float))
         tied = votes == votes.max(1, keepdim=True).values
-        others = gather_views(predictions, order[:, k:])
-        hits = tied.gather(1, others)
-        fallback = logits[:, 0].masked_fill(~tied, float("-inf")).argmax(-1)
-        first = hits.float().argmax(1, keepdim=True)                             # first hit (0 when none)
-        winner = torch.where(hits.any(1), others.gather(1, first).squeeze(1) if others.shape[1] else fallback, fallback)
+        fallback = logits[:, 0].masked_fill(~tied, float("-inf")).argmax(-1, keepdim=True)
+        candidates = torch.cat([gather_views(predictions, order[:, k:]), fallback], 1)   # the last is always tied
+        first = tied.gather(1, candidates).float().argmax(1, keepdim=True)
+        winner = candidates.gather(1, first).squeeze(1)
         votes[torch.arange(b), winner] += (tied.sum(1) > 1).float()
         confidence = gather_views(logits, order[:, :k]).softmax(-1).mean(1)
         return (votes / votes.sum(1, keepdim=True) + 1e-6 * confidence).log()
