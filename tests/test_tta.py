@@ -385,3 +385,31 @@ def test_tpt_on_the_embedded_model_lowers_the_entropy_it_minimises():
         zero_shot = coop(images)
     assert entropy(adapted).mean() < entropy(zero_shot).mean() - 0.01
     assert (adapted.argmax(-1) == labels).sum() >= (zero_shot.argmax(-1) == labels).sum() - 2
+
+
+@pytest.mark.parametrize("method", ["zero", "tda"])
+def test_fixed_text_side_is_encoded_once_per_prompt_state(coop, views, method):
+    """Zero and TDA do not tune the prompt: the text encoder runs once for a stream of batches, again only
+    after the learner's context changes, and the cached features give the same answers as fresh ones."""
+    make = {"zero": lambda: promptkit.Zero(coop, n_views=views.shape[1]),
+            "tda": lambda: promptkit.TDA(coop, n_views=views.shape[1])}[method]
+    adapter, calls = make(), []
+    handle = coop.clip.model.token_embedding.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        adapter.adapt_views(views)
+        adapter.adapt_views(views)
+        assert len(calls) == 1
+        first = adapter.text_features().clone()
+        with torch.no_grad():
+            coop.ctx.add_(torch.randn(coop.ctx.shape, generator=torch.Generator().manual_seed(0)))  # e.g. loaded
+        if method == "tda":
+            adapter.reset()
+        changed = adapter.adapt_views(views)
+        assert len(calls) == 2
+    finally:
+        handle.remove()
+    fresh = make().adapt_views(views)
+    torch.testing.assert_close(changed, fresh, atol=0, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(adapter.text_features(), coop.text_features(), atol=0, rtol=0)
+    assert (adapter.text_features() - first).abs().max() > 1e-3

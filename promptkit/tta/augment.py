@@ -123,15 +123,22 @@ def random_crops(images: torch.Tensor, n: int, generator: torch.Generator, scale
     return _warp(source, theta, padding="border").view(b, n, c, height, width)
 
 
-def photo_crops(pixels: torch.Tensor, n: int, size: int, generator: torch.Generator) -> torch.Tensor:
-    """[n, 3, size, size] random resized crops of one full-resolution image `pixels` [3, H, W] (any
-    size), each resized with antialiased bilinear interpolation (torchvision's tensor RandomResizedCrop)
-    and flipped with probability 1/2."""
-    boxes = crop_boxes(n, generator, *pixels.shape[-2:]).tolist()
+def photo_crops(pixels: torch.Tensor, n: int, size: int, generator: torch.Generator,
+                scale=(0.08, 1.0)) -> torch.Tensor:
+    """[n, 3, size, size] random resized crops cut at full resolution, each resized with antialiased bilinear
+    interpolation (torchvision's tensor RandomResizedCrop) and flipped with probability 1/2.
+
+    Args:
+        pixels: one image [3, H, W] (any size) to cut n crops from, or [n, 3, H, W] to cut one crop from each.
+        scale: range of the crop's share of the image area.
+    """
+    if pixels.dim() == 3:
+        pixels = pixels.expand(n, -1, -1, -1)
+    boxes = crop_boxes(n, generator, *pixels.shape[-2:], scale).tolist()
     flip = (torch.rand(n, generator=generator) < 0.5).tolist()
     crops = []
-    for (top, left, h, w), mirrored in zip(boxes, flip):
-        crop = F.interpolate(pixels[None, :, top:top + h, left:left + w], size=(size, size), mode="bilinear",
+    for image, (top, left, h, w), mirrored in zip(pixels, boxes, flip):
+        crop = F.interpolate(image[None, :, top:top + h, left:left + w], size=(size, size), mode="bilinear",
                              antialias=True, align_corners=False)
         crops.append(crop.flip(-1) if mirrored else crop)
     return torch.cat(crops).clamp(0, 1)

@@ -61,6 +61,7 @@ class ViewAdapter(nn.Module):
             augment = "crop" if learner.n_classes >= 200 else "augmix"
         self.learner, self.n_views, self.augment, self.seed, self.autocast = learner, n_views, augment, seed, autocast
         self.generator = torch.Generator().manual_seed(seed)
+        self._text_cache = None  # (state key of the learner, its text features)
 
     def views(self, images) -> torch.Tensor:
         """[B, n_views, 3, H, W] views of PIL images or an image tensor (see `augment.as_image_batch`);
@@ -100,12 +101,32 @@ class ViewAdapter(nn.Module):
         return torch.autocast(self.learner.clip.device.type, dtype=dtype)
 
     @torch.no_grad()
+    def text_features(self) -> torch.Tensor:
+        """The learner's class text features [C, D] (fp32), encoded once per state of its prompts: an
+        adapter that does not tune them (Zero, TDA) would otherwise pay a text pass over all C classes
+        per batch, more than encoding the batch itself for one view per image at C = 1000."""
+        key = (self.amp_dtype(), learner_state_key(self.learner))
+        if self._text_cache is None or self._text_cache[0] != key:
+            with self.amp():
+                self._text_cache = (key, self.learner.text_features().float())
+        return self._text_cache[1]
+
+    @torch.no_grad()
     def view_features(self, views: torch.Tensor) -> torch.Tensor:
         """Normalised image features [B, V, D] (fp32) of all views, encoded once."""
         b, v = views.shape[:2]
         with self.amp():
             features = self.learner.encode_image(views.flatten(0, 1))
         return features.float().view(b, v, -1)
+
+
+def learner_state_key(learner, tensors=None) -> tuple:
+    """Identifies the current values of a learner's own tensors (or of `tensors`): storage and in-place
+    version of each, so an optimizer step, a `copy_` or a load changes the key."""
+    if tensors is None:
+        tensors = [t for name, t in [*learner.named_parameters(), *learner.named_buffers()]
+                   if not name.startswith("clip.")]
+    return tuple((t.data_ptr(), t._version, t.device) for t in tensors)
 
 
 def _normalisation(preprocess):

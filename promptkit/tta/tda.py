@@ -107,9 +107,8 @@ class TDA(ViewAdapter):
         """Normalised view features [B, V, D] -> logits [B, C], updating the caches image by image."""
         learner = self.learner
         b, v, dim = features.shape
-        with self.amp():
-            text = learner.text_features()
-        logits = learner(image_features=features.flatten(0, 1).float(), text_features=text).float().view(b, v, -1)
+        logits = learner(image_features=features.flatten(0, 1).float(), text_features=self.text_features())
+        logits = logits.float().view(b, v, -1)
         n_classes = logits.shape[-1]
         if self.positive is None:
             self.positive = FeatureCache(n_classes, self.pos_shots, dim, False, features.device)

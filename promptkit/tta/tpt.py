@@ -6,7 +6,7 @@ import torch
 from ..learners.cocoop import CoCoOp
 from ..learners.coop import CoOp, context_hook
 from ..registry import register_adapter
-from .base import ViewAdapter, gather_views, marginal_entropy, select_confident
+from .base import ViewAdapter, gather_views, learner_state_key, marginal_entropy, select_confident
 
 
 @register_adapter("tpt")
@@ -141,8 +141,7 @@ class TPT(ViewAdapter):
         encoded once per value of the learner's context."""
         learner = self.learner
         ctx = learner.ctx
-        key = (ctx._version, ctx.data_ptr(), ctx.device, self.amp_dtype(), learner.tokens.data_ptr(),
-               learner.ctx_pos.data_ptr())
+        key = (self.amp_dtype(), learner_state_key(learner, [ctx, learner.tokens, learner.ctx_pos]))
         if self._step0 is None or self._step0[0] != key:
             leaf = ctx.detach().requires_grad_(True)
             with torch.enable_grad(), self.amp():

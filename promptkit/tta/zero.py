@@ -42,7 +42,7 @@ class Zero(ViewAdapter):
         learner = self.learner
         b, v = views.shape[:2]
         with self.amp():
-            logits = learner(views.flatten(0, 1), text_features=learner.text_features())
+            logits = learner(views.flatten(0, 1), text_features=self.text_features())
         return self.vote(logits.float().view(b, v, -1))
 
     def vote(self, logits: torch.Tensor) -> torch.Tensor:
