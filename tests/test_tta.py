@@ -413,3 +413,6 @@ def test_fixed_text_side_is_encoded_once_per_prompt_state(coop, views, method):
     with torch.no_grad():
         torch.testing.assert_close(adapter.text_features(), coop.text_features(), atol=0, rtol=0)
     assert (adapter.text_features() - first).abs().max() > 1e-3
+    coop.ctx = torch.nn.Parameter(coop.ctx.detach() * 2)  # a new tensor, not an in-place change
+    with torch.no_grad():
+        torch.testing.assert_close(adapter.text_features(), coop.text_features(), atol=0, rtol=0)

@@ -105,7 +105,7 @@ class ViewAdapter(nn.Module):
         """The learner's class text features [C, D] (fp32), encoded once per state of its prompts: an
         adapter that does not tune them (Zero, TDA) would otherwise pay a text pass over all C classes
         per batch, more than encoding the batch itself for one view per image at C = 1000."""
-        key = (self.amp_dtype(), learner_state_key(self.learner))
+        key = (self.amp_dtype(), PromptState(self.learner))
         if self._text_cache is None or self._text_cache[0] != key:
             with self.amp():
                 self._text_cache = (key, self.learner.text_features().float())
@@ -120,13 +120,21 @@ class ViewAdapter(nn.Module):
         return features.float().view(b, v, -1)
 
 
-def learner_state_key(learner, tensors=None) -> tuple:
-    """Identifies the current values of a learner's own tensors (or of `tensors`): storage and in-place
-    version of each, so an optimizer step, a `copy_` or a load changes the key."""
-    if tensors is None:
-        tensors = [t for name, t in [*learner.named_parameters(), *learner.named_buffers()]
-                   if not name.startswith("clip.")]
-    return tuple((t.data_ptr(), t._version, t.device) for t in tensors)
+class PromptState:
+    """Which tensors a learner's prompts are and which values they hold: equal states mean equal values.
+    Identity, storage and in-place version of each tensor, so an optimizer step, a `copy_`, a load, a move
+    or a new Parameter changes the state. It holds the tensors, so no new tensor can take their identity
+    or memory while a cached state lives."""
+
+    def __init__(self, learner, tensors=None):
+        if tensors is None:
+            tensors = [t for name, t in [*learner.named_parameters(), *learner.named_buffers()]
+                       if not name.startswith("clip.")]
+        self.tensors = list(tensors)
+        self.key = tuple((id(t), t.data_ptr(), t._version, t.device) for t in self.tensors)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, PromptState) and self.key == other.key
 
 
 def _normalisation(preprocess):

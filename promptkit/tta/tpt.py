@@ -6,7 +6,7 @@ import torch
 from ..learners.cocoop import CoCoOp
 from ..learners.coop import CoOp, context_hook
 from ..registry import register_adapter
-from .base import ViewAdapter, gather_views, learner_state_key, marginal_entropy, select_confident
+from .base import PromptState, ViewAdapter, gather_views, marginal_entropy, select_confident
 
 
 @register_adapter("tpt")
@@ -62,7 +62,7 @@ class TPT(ViewAdapter):
             raise ValueError(f"need steps >= 0 and 0 < selection <= 1, got steps={steps}, selection={selection}")
         super().__init__(learner, n_views, augment, seed, autocast)
         self.steps, self.lr, self.selection, self.optimizer = steps, lr, selection, optimizer
-        self._step0 = None  # (context version, context leaf, its text features with their graph)
+        self._step0 = None  # (prompt state, context leaf, its text features with their graph)
 
     def extra_loss(self, text_features: torch.Tensor) -> torch.Tensor:
         """Per-sample term [B] added to the entropy, from text features [B, C, D]; C-TPT overrides it."""
@@ -141,7 +141,7 @@ class TPT(ViewAdapter):
         encoded once per value of the learner's context."""
         learner = self.learner
         ctx = learner.ctx
-        key = (self.amp_dtype(), learner_state_key(learner, [ctx, learner.tokens, learner.ctx_pos]))
+        key = (self.amp_dtype(), PromptState(learner, [ctx, learner.tokens, learner.ctx_pos]))
         if self._step0 is None or self._step0[0] != key:
             leaf = ctx.detach().requires_grad_(True)
             with torch.enable_grad(), self.amp():
