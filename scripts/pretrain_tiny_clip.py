@@ -38,6 +38,13 @@ HELD_OUT = tuple(f"{colour} {['square', 'triangle', 'star', 'cross', 'ring', 'ci
                  for i, colour in enumerate(COLOURS))
 
 
+def render_mix(labels, sketch, seed, size):
+    """The pretraining images: `plain` icons, `sketch` ones where `sketch` is set."""
+    images = render(labels, "plain", seed=seed, image_size=size)
+    images[sketch] = render(labels[sketch], "sketch", seed=seed, image_size=size)
+    return images
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=1500)
@@ -68,19 +75,13 @@ def main():
         labels = torch.tensor(seen)[torch.randint(len(seen), (args.batch,))]
         size = CONFIG["vision_cfg"]["image_size"]
         sketch = torch.rand(args.batch, generator=generator) < 0.4
-        images = render(labels, "plain", seed=step, image_size=size)
-        images[sketch] = render(labels[sketch], "sketch", seed=step, image_size=size)
-        images = (images - ProceduralBenchmark.MEAN) / ProceduralBenchmark.STD
+        images = (render_mix(labels, sketch, step, size) - ProceduralBenchmark.MEAN) / ProceduralBenchmark.STD
         if args.crop_prob > 0:  # no random draw otherwise: the default run is the shipped recipe
             crop = torch.rand(args.batch, generator=generator) < args.crop_prob
             if args.crop_render == 1:
                 images[crop] = random_crops(images[crop], 1, generator, (args.crop_scale, 1.0))[:, 0]
             elif crop.any():
-                large = render(labels[crop], "plain", seed=step, image_size=size * args.crop_render)
-                large_sketch = sketch[crop]
-                if large_sketch.any():
-                    large[large_sketch] = render(labels[crop][large_sketch], "sketch", seed=step,
-                                                 image_size=size * args.crop_render)
+                large = render_mix(labels[crop], sketch[crop], step, size * args.crop_render)
                 crops = photo_crops(large, len(large), size, generator, (args.crop_scale, 1.0))
                 images[crop] = (crops - ProceduralBenchmark.MEAN) / ProceduralBenchmark.STD
         text = torch.stack([tokens[random.choice(TEMPLATES)][label] for label in labels.tolist()])
