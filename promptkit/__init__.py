@@ -1,5 +1,5 @@
 """promptkit: prompt learning and test-time adaptation on frozen open_clip CLIP models."""
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from . import data
 from .checkpoint import import_coop_checkpoint, load_pretrained
@@ -7,7 +7,7 @@ from .clip import FrozenCLIP, load_clip
 from .hooks import Hook, inject
 from .learners import CoOp, LossOutput, PromptLearner, ZeroShotCLIP
 from .metrics import classification_metrics
-from .registry import create_learner, list_methods, register_adapter, register_method
+from .registry import create_adapter, create_learner, list_adapters, list_methods, register_adapter, register_method
 from .templates import IMAGENET_TEMPLATES, IMAGENET_TEMPLATES_7, get_templates
 from .training import PromptTrainer, TrainConfig
 from .tta import CTPT, TDA, TPT, Zero
@@ -15,7 +15,7 @@ from .tta import CTPT, TDA, TPT, Zero
 __all__ = [
     "FrozenCLIP", "load_clip",
     "PromptLearner", "LossOutput", "ZeroShotCLIP", "CoOp",
-    "create_learner", "list_methods", "register_method", "register_adapter", "load_pretrained",
+    "create_learner", "list_methods", "create_adapter", "list_adapters", "register_method", "register_adapter", "load_pretrained",
     "import_coop_checkpoint",
     "PromptTrainer", "TrainConfig", "classification_metrics",
     "TPT", "CTPT", "Zero", "TDA",

@@ -6,6 +6,8 @@ promptkit talks to open_clip only through the stable submodules named below
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -44,9 +46,43 @@ def vision_kind(model: nn.Module) -> str:
     return "other"
 
 
+_LAYOUT: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+class _Seen(Exception):
+    pass
+
+
 def batch_first(transformer: nn.Module) -> bool:
-    """Whether the blocks of an open_clip Transformer see [N, L, D] (open_clip >= 2.24) or [L, N, D]."""
-    return bool(getattr(transformer, "batch_first", False))
+    """Whether the blocks of an open_clip Transformer see [N, L, D] or [L, N, D].
+
+    Read from what the transformer does, not from an attribute (open_clip 2.x has `batch_first`, its
+    development branch dropped it and is always batch-first): a batch-first input of 2 rows x 3 tokens is
+    sent in, and the first block's input shape answers. Once per transformer; the forward stops there.
+    """
+    if transformer not in _LAYOUT:
+        block = transformer.resblocks[0]
+        width = block.ln_1.normalized_shape[0]
+        param = next(block.parameters())
+        seen = []
+
+        def stop(module, args, kwargs):
+            seen.append((args[0] if args else kwargs.get("q_x", kwargs.get("x"))).shape)
+            raise _Seen
+
+        handle = block.register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                transformer(torch.zeros(2, 3, width, dtype=param.dtype, device=param.device))
+        except _Seen:
+            pass
+        finally:
+            handle.remove()
+        if not seen or tuple(seen[0][:2]) not in ((2, 3), (3, 2)):
+            raise TypeError(f"cannot tell the token layout of {type(transformer).__name__}: its first block saw "
+                            f"{seen[0] if seen else 'nothing'} for a [2, 3, {width}] input. Supported: {SUPPORTED}.")
+        _LAYOUT[transformer] = tuple(seen[0][:2]) == (2, 3)
+    return _LAYOUT[transformer]
 
 
 def text_blocks(model: nn.Module) -> nn.ModuleList:

@@ -26,8 +26,10 @@ def atomic_write(path, write) -> None:
     umask = os.umask(0)
     os.umask(umask)
     try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make saved prompts unreadable to others
         write(tmp)
+        # After writing: mkstemp's 0600 would make saved prompts unreadable to others, and some writers
+        # (safetensors) replace the file, so a mode set before would be lost.
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -108,9 +110,25 @@ def load_pretrained(directory, clip, strict: bool = True, classnames: Sequence[s
             f"prompts in {directory} were trained on a different base model "
             f"({config['base_model'].get('arch')} / {config['base_model'].get('pretrained')}): {detail}. "
             f"Load the matching model, or pass strict=False if the shapes still fit.")
-    learner = METHODS.get(config["method"])(clip, list(classnames or config["classnames"]), **config["hparams"])
+    hparams = _upgrade(config, clip)
+    learner = METHODS.get(config["method"])(clip, list(classnames or config["classnames"]), **hparams)
     learner.load_prompt_state_dict(load_tensors(directory / WEIGHTS_NAME), strict=strict)
     return learner
+
+
+def _upgrade(config: dict, clip) -> dict:
+    """Keywords of a save made by promptkit 0.1, in today's meaning: there `ctx_init` set the CoOp family's
+    `n_ctx`, and IVLP's depth None meant 9 layers."""
+    hparams = dict(config["hparams"])
+    if not str(config.get("promptkit_version", "")).startswith("0.1."):
+        return hparams
+    if hparams.get("ctx_init") and config["method"] in ("coop", "kgcoop", "prograd", "cocoop", "cavpt"):
+        hparams["n_ctx"] = None
+    if config["method"] == "ivlp":
+        for key, blocks in (("text_depth", clip.text_blocks), ("vision_depth", clip.vision_blocks)):
+            if hparams.get(key, 0) is None:
+                hparams[key] = min(9, len(blocks))
+    return hparams
 
 
 def import_coop_checkpoint(path, clip, classnames: Sequence[str], **kwargs):

@@ -123,7 +123,17 @@ class FrozenCLIP(nn.Module):
 
     # -- tokens ------------------------------------------------------------------------------
     def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
-        return self.tokenizer(texts).to(self.device)
+        """Token ids [N, context_length]. A text longer than the context is refused, not silently truncated
+        (two long class names would otherwise get identical features)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        length = self.context_length
+        tokens = self.tokenizer(texts, context_length=length + 1)
+        too_long = tokens[:, length].nonzero().flatten().tolist()
+        if too_long:
+            text = texts[too_long[0]]
+            raise ValueError(f"prompt {text!r} has {len(self.word_ids(text)) + 2} tokens, more than the model's "
+                             f"context length {length}; shorten the class name or the template")
+        return tokens[:, :length].to(self.device)
 
     def word_ids(self, text: str) -> list[int]:
         """BPE ids of `text` without start/end tokens."""
@@ -142,7 +152,13 @@ class FrozenCLIP(nn.Module):
 
     # -- encoders ----------------------------------------------------------------------------
     def encode_image(self, images: torch.Tensor, normalize: bool = True, hooks: Sequence[Hook] = ()) -> torch.Tensor:
-        """Image features [B, D]; `hooks` (e.g. visual prompts) are active while encoding."""
+        """Image features [B, D]; `hooks` (e.g. visual prompts) are active while encoding.
+
+        Raises:
+            ValueError: the images hold NaN or infinite values (they would give NaN logits and a
+                meaningless prediction, or a NaN loss blamed on the learning rate).
+        """
+        check_finite(images)
         with inject(hooks):
             features = self.model.encode_image(images.to(self.device, self.dtype))
         return F.normalize(features, dim=-1) if normalize else features
@@ -177,11 +193,21 @@ class FrozenCLIP(nn.Module):
         return _compat.text_tower(model, x, eot)
 
     @torch.no_grad()
-    def zero_shot_text_features(self, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
-        """CLIP's template ensemble: mean of normalised features over templates, renormalised. [C, D]"""
+    def zero_shot_text_features(self, classnames: Sequence[str], templates: Sequence[str],
+                                normalize_each: bool = True) -> torch.Tensor:
+        """CLIP's template ensemble: mean of normalised features over templates, renormalised. [C, D]
+        With `normalize_each=False`, the mean of the raw features, normalised once (PromptSRC's target)."""
         prompts = [t.format(c) for c in classnames for t in templates]
-        features = self.encode_text(self.tokenize(prompts)).view(len(classnames), len(templates), -1)
-        return F.normalize(features.mean(dim=1), dim=-1)
+        features = self.encode_text(self.tokenize(prompts), normalize=normalize_each)
+        return F.normalize(features.view(len(classnames), len(templates), -1).mean(dim=1), dim=-1)
+
+
+def check_finite(images: torch.Tensor) -> None:
+    """Raises a ValueError naming the images of a batch that hold NaN or infinite values."""
+    if images.is_floating_point() and not torch.isfinite(images).all():
+        bad = (~torch.isfinite(images)).flatten(1).any(1).nonzero().flatten().tolist()
+        raise ValueError(f"{len(bad)} of {len(images)} images contain NaN or infinite values (batch positions "
+                         f"{bad[:5]}); check the image loading and normalisation")
 
 
 def _open_clip_model(arch: str, pretrained: str | None, device, precision: str, cache_dir, quick_gelu):

@@ -51,5 +51,21 @@ def create_learner(name: str, clip, classnames, **kwargs):
     return METHODS.get(name)(clip, classnames, **kwargs)
 
 
+def list_adapters() -> list[str]:
+    """Names of all registered test-time adapters."""
+    _load_builtin()
+    return ADAPTERS.names()
+
+
+def create_adapter(name: str, learner, dataset: str | None = None, **kwargs):
+    """Builds the test-time adapter registered as `name` on `learner`. With `dataset` (e.g. "imagenet_a"),
+    the authors' settings for that dataset are the defaults (`promptkit.tta.defaults`); `kwargs` override."""
+    _load_builtin()
+    from .tta.defaults import adapter_defaults
+
+    cls = ADAPTERS.get(name)
+    return cls(learner, **{**adapter_defaults(cls.method, dataset), **kwargs})
+
+
 def _load_builtin() -> None:
-    from . import learners  # noqa: F401  (registers the built-in methods)
+    from . import learners, tta  # noqa: F401  (registers the built-in methods and adapters)

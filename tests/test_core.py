@@ -1,4 +1,6 @@
 import json
+import os
+import stat
 import pickle
 
 import open_clip
@@ -211,3 +213,58 @@ def test_openai_tag_builds_quick_gelu(monkeypatch):
     with pytest.raises(RuntimeError):
         promptkit.load_clip("ViT-B-16", pretrained=laion)
     assert seen["force_quick_gelu"] is False
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_files_follow_the_umask(vit_clip, classnames, tmp_path, umask):
+    """safetensors replaces the file it writes: the mode must be set after writing (it was 0600 before)."""
+    old = os.umask(umask)
+    try:
+        coop = promptkit.CoOp(vit_clip, classnames, n_ctx=2)
+        coop.save_pretrained(tmp_path / "prompts")
+        promptkit.PromptTrainer(coop, promptkit.TrainConfig(epochs=1, batch_size=2, output_dir=str(tmp_path / "run"),
+                                                            progress=False)).fit(_toy(classnames))
+    finally:
+        os.umask(old)
+    files = [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json")]
+    assert len(files) >= 6
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
+
+
+def _toy(classnames):
+    data = torch.utils.data.TensorDataset(torch.zeros(2, 3, 32, 32), torch.tensor([0, 1]))
+    data.classnames, data.targets = classnames, [0, 1]
+    return data
+
+
+def test_saves_of_promptkit_0_1_load_with_their_meaning(vit_clip, classnames, images, tmp_path):
+    """0.1 recorded n_ctx=16 beside ctx_init (which then set n_ctx) and depth None for IVLP's 9 layers."""
+    for learner, legacy in ((promptkit.CoOp(vit_clip, classnames, ctx_init="a photo of a"), {"n_ctx": 16}),
+                            (promptkit.create_learner("ivlp", vit_clip, classnames, text_depth=2, vision_depth=3),
+                             {"text_depth": None, "vision_depth": None})):
+        learner.save_pretrained(tmp_path / learner.method)
+        path = tmp_path / learner.method / "prompt_config.json"
+        config = json.loads(path.read_text())
+        config["promptkit_version"] = "0.1.0"
+        config["hparams"].update(legacy)
+        path.write_text(json.dumps(config))
+        loaded = promptkit.load_pretrained(tmp_path / learner.method, vit_clip)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(images), learner(images), atol=0, rtol=0)
+
+
+def test_non_finite_images_are_refused_at_the_boundary(vit_clip, classnames, images):
+    bad = images.clone()
+    bad[1, 0, 3, 3] = float("nan")
+    bad[2, 1, 0, 0] = float("inf")
+    for learner in (promptkit.CoOp(vit_clip, classnames, n_ctx=2), promptkit.create_learner("vpt", vit_clip, classnames),
+                    promptkit.Zero(promptkit.ZeroShotCLIP(vit_clip, classnames), n_views=4)):
+        with pytest.raises(ValueError, match=r"2 of 3 images contain NaN or infinite values \(batch positions \[1, 2\]"):
+            learner(bad)
+    data = torch.utils.data.TensorDataset(bad, torch.tensor([0, 1, 2]))
+    data.classnames, data.targets = classnames, [0, 1, 2]
+    trainer = promptkit.PromptTrainer(promptkit.CoOp(vit_clip, classnames, n_ctx=2),
+                                      promptkit.TrainConfig(epochs=1, batch_size=3, output_dir=None, progress=False))
+    with pytest.raises(ValueError, match="contain NaN"):
+        trainer.fit(data)

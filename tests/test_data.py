@@ -169,3 +169,52 @@ def test_procedural_base_novel_cover_every_word():
     shifted = bench.split("shifted")
     assert len(shifted) == 48 and not torch.equal(shifted.images, bench.split("test").images)
 
+
+
+def test_split_file_class_names_read_underscores_as_spaces(tmp_path, vit_clip):
+    """CoOp's split files keep `american_bulldog`; prompts must read "american bulldog", as the official learners
+    and ImageFolderDataset do (the raw name changes the text features and the predictions)."""
+    import promptkit
+
+    root = make_folder(tmp_path / "img", {"american_bulldog": 1, "Apply_Eye_Makeup": 1})
+    split = {"train": [["american_bulldog/0.png", 0, "american_bulldog"], ["Apply_Eye_Makeup/0.png", 1,
+                                                                           "Apply_Eye_Makeup"]]}
+    (tmp_path / "split.json").write_text(json.dumps(split))
+    data = CoOpSplitDataset(root, tmp_path / "split.json", "train")
+    assert data.classnames == ["american bulldog", "Apply Eye Makeup"]
+    assert sorted(ImageFolderDataset(root).classnames) == sorted(data.classnames)
+    spaced = promptkit.ZeroShotCLIP(vit_clip, data.classnames).text_features()
+    for raw in (["american_bulldog", "Apply_Eye_Makeup"], ["american bulldog", "Apply Eye_Makeup "]):
+        learner = promptkit.CoOp(vit_clip, raw, ctx_init="a photo of a")
+        assert learner.classnames == data.classnames
+        torch.testing.assert_close(learner.text_features(), spaced, atol=1e-5, rtol=0)
+    underscored = vit_clip.encode_text(vit_clip.tokenize([f"a photo of a {c}." for c in split_names(split)]))
+    assert not torch.allclose(underscored, spaced, atol=1e-3)  # what the raw names would have given
+
+
+def split_names(split):
+    return [item[2] for item in split["train"]]
+
+
+@pytest.mark.parametrize("names, error, message", [
+    ("cat dog", TypeError, "not the string 'cat dog'"),
+    (["cat", "dog", "cat"], ValueError, "labels 0 and 2 have the same class name 'cat'"),
+    (["apple_pie", "apple pie"], ValueError, "labels 0 and 1 have the same class name"),
+    (["cat", " "], ValueError, r"labels \[1\] are empty"),
+    ([], ValueError, "classnames is empty"),
+])
+def test_bad_class_names_are_refused(vit_clip, names, error, message):
+    import promptkit
+
+    for method in ("zeroshot", "coop", "vpt"):
+        with pytest.raises(error, match=message):
+            promptkit.create_learner(method, vit_clip, names)
+
+
+def test_class_name_longer_than_the_context_is_refused_by_every_learner(vit_clip):
+    import promptkit
+
+    long_name = " ".join(["word"] * 80)
+    for method in ("zeroshot", "coop", "kgcoop", "vpt", "maple"):
+        with pytest.raises(ValueError, match="tokens, more than the model's context length 77"):
+            promptkit.create_learner(method, vit_clip, ["cat", long_name])

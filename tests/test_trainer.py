@@ -106,12 +106,29 @@ def test_ece_by_hand():
     assert promptkit.classification_metrics(logits, labels, n_bins=10)["ece"] == pytest.approx(30.0, abs=1e-4)
 
 
-def test_lr_schedule_is_coops():
+def dassl_lrs(lr, epochs, warmup_epochs, warmup_lr):
+    """Per-epoch learning rates of Dassl's scheduler, transcribed: torch's CosineAnnealingLR(T_max=epochs) as
+    the successor of a ConstantWarmupScheduler that steps it only once the warm-up is over (WARMUP_RECOUNT)."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, float(epochs))
+    last_epoch, lrs = 0, []
+    for epoch in range(epochs):
+        lrs.append(warmup_lr if last_epoch < warmup_epochs else optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        if last_epoch >= warmup_epochs:  # Dassl's _BaseWarmupScheduler.step
+            cosine.step()
+        last_epoch += 1
+    return lrs
+
+
+@pytest.mark.parametrize("epochs, warmup", [(5, 1), (10, 1), (50, 1), (8, 3), (6, 0)])
+def test_lr_schedule_is_dassls(epochs, warmup):
     trainer = PromptTrainer.__new__(PromptTrainer)
-    trainer.config = TrainConfig(epochs=10)
-    assert trainer.lr_at(0) == 1e-5
-    assert trainer.lr_at(1) == pytest.approx(0.001 * (1 + torch.cos(torch.tensor(torch.pi / 10)).item()))
-    assert trainer.lr_at(9) < trainer.lr_at(5) < trainer.lr_at(1)
+    trainer.config = TrainConfig(epochs=epochs, lr=0.0035, warmup_epochs=warmup, warmup_lr=1e-5)
+    ours = [trainer.lr_at(e) for e in range(epochs)]
+    assert ours == pytest.approx(dassl_lrs(0.0035, epochs, warmup, 1e-5), rel=1e-9, abs=1e-12)
+    if warmup:
+        assert ours[warmup] == 0.0035  # the first epoch after the warm-up runs at the full rate
 
 
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(vit_clip, tmp_path):
@@ -165,8 +182,8 @@ def _run(args, **kwargs):
 @pytest.mark.slow
 def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
-    reference = _run([str(SCRIPT), str(full), "5", "0"])
-    victim = _run([str(SCRIPT), str(killed), "5", "1.5"])
+    reference = _run([str(SCRIPT), str(full), "5"])
+    victim = _run([str(SCRIPT), str(killed), "5", "--sleep", "1.5"])
     state = killed / "checkpoint" / "trainer_state.json"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -179,7 +196,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
     assert reference.communicate() and reference.returncode == 0
     done = json.loads(state.read_text())["epoch"]
     assert 2 <= done < 5
-    resumed = _run([str(SCRIPT), str(killed), "5", "0", "resume"])
+    resumed = _run([str(SCRIPT), str(killed), "5", "--resume"])
     output = resumed.communicate()[0].decode()
     assert resumed.returncode == 0, output
     assert f"resumed from {killed / 'checkpoint'}: {done} epochs done" in (killed / "train.log").read_text()
@@ -189,14 +206,49 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one(tmp_path):
-    one = _run([str(SCRIPT), str(tmp_path / "one"), "2", "0"])
-    two = _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-                str(SCRIPT), str(tmp_path / "two"), "2", "0"])
-    for process in (one, two):
+@pytest.mark.parametrize("method", ["coop", "prograd"])
+def test_two_processes_equal_one(tmp_path, method):
+    """Ranks start from different random prompts (seeded by rank): the trainer broadcasts rank 0's, so both
+    ranks end identical and equal to one process. ProGrad's projection is applied to the all-reduced
+    gradients, and with 2 accumulation steps to the accumulated ones."""
+    one = _run([str(SCRIPT), str(tmp_path / "one"), "2", "--method", method])
+    accum = _run([str(SCRIPT), str(tmp_path / "accum"), "2", "--method", method, "--accum", "2"])
+    two = _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", f"{29517 + len(method)}",
+                str(SCRIPT), str(tmp_path / "two"), "2", "--method", method])
+    for process in (one, accum, two):
         output = process.communicate()[0].decode()
         assert process.returncode == 0, output
     a = load_tensors(tmp_path / "one" / "prompts" / "prompt_weights.safetensors")["ctx"]
-    b = load_tensors(tmp_path / "two" / "prompts" / "prompt_weights.safetensors")["ctx"]
     assert not torch.equal(a, torch.zeros_like(a))
-    torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    for other in (tmp_path / "two" / "prompts" / "prompt_weights.safetensors", tmp_path / "accum" / "rank0.safetensors"):
+        torch.testing.assert_close(load_tensors(other)["ctx"], a, atol=1e-4, rtol=0)
+    assert torch.equal(load_tensors(tmp_path / "two" / "rank0.safetensors")["ctx"],
+                       load_tensors(tmp_path / "two" / "rank1.safetensors")["ctx"])
+
+
+def test_resume_refuses_another_run_and_logs_allowed_changes(vit_clip, tmp_path):
+    names, data = teacher_task(vit_clip, n=32)
+    base = dict(epochs=1, batch_size=8, output_dir=str(tmp_path), progress=False)
+
+    def fit(learner=None, dataset=data, **changes):
+        learner = learner or promptkit.CoOp(vit_clip, names, n_ctx=4, seed=0)
+        return PromptTrainer(learner, TrainConfig(**{**base, **changes})).fit(dataset, resume=True)
+
+    fit()
+    fewer = split(data, 0, 24)
+    other_classes = promptkit.CoOp(vit_clip, names[:7] + ["another class"], n_ctx=4, seed=0)
+    cases = [(dict(dataset=fewer), "training data: checkpoint 32 images"),
+             (dict(seed=2), "seed: checkpoint 1, now 2"),
+             (dict(optimizer="adamw"), "optimizer: checkpoint 'sgd', now 'adamw'"),
+             (dict(learner=other_classes), "classnames: checkpoint"),
+             (dict(learner=promptkit.CoOp(vit_clip, names, n_ctx=2, seed=0)), "hparams: checkpoint"),
+             (dict(learner=promptkit.create_learner("kgcoop", vit_clip, names)), "method: checkpoint 'coop', now 'kgcoop'")]
+    before = (tmp_path / "checkpoint" / "trainer_state.json").read_text()
+    for changes, message in cases:
+        with pytest.raises(ValueError, match=f"cannot resume the run in .*{message}"):
+            fit(**changes)
+    assert (tmp_path / "checkpoint" / "trainer_state.json").read_text() == before  # nothing lost
+    fit(epochs=2, eval_every=2)  # more epochs: allowed, and said
+    log = (tmp_path / "train.log").read_text()
+    assert "resume: epochs changed from 1 to 2" in log and "resumed from" in log
+    assert json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())["epoch"] == 2

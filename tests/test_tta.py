@@ -416,3 +416,30 @@ def test_fixed_text_side_is_encoded_once_per_prompt_state(coop, views, method):
     coop.ctx = torch.nn.Parameter(coop.ctx.detach() * 2)  # a new tensor, not an in-place change
     with torch.no_grad():
         torch.testing.assert_close(adapter.text_features(), coop.text_features(), atol=0, rtol=0)
+
+
+def test_per_dataset_defaults_are_the_authors(vit_clip, classnames):
+    """C-TPT: lambda 50 with crops on ImageNet, 20 with AugMix on its shifts (same 1,000 classes, so a class
+    count cannot decide); TPT: AugMix on SUN397 (397 classes); TDA: per-dataset alpha/beta, views, templates."""
+    from promptkit.tta.defaults import classifier_templates
+
+    coop = promptkit.CoOp(vit_clip, classnames, ctx_init="a photo of a")
+    imagenet = promptkit.create_adapter("ctpt", coop, dataset="imagenet")
+    assert (imagenet.lambda_, imagenet.augment) == (50.0, "crop")
+    sketch = promptkit.create_adapter("ctpt", coop, dataset="ImageNet-Sketch")
+    assert (sketch.lambda_, sketch.augment) == (20.0, "augmix")
+    assert promptkit.create_adapter("tpt", coop, dataset="sun397").augment == "augmix"
+    assert promptkit.create_adapter("tpt", coop, dataset="imagenet_a").augment == "crop"
+    assert promptkit.create_adapter("ctpt", coop, dataset="imagenet", lambda_=3.0).lambda_ == 3.0  # explicit wins
+    zero_shot = promptkit.ZeroShotCLIP(vit_clip, classnames)
+    tda = promptkit.create_adapter("tda", zero_shot, dataset="imagenet_r")
+    assert (tda.pos_alpha, tda.pos_beta, tda.n_views, tda.augment) == (1.0, 8.0, 64, "augmix")
+    assert (tda.neg_alpha, tda.neg_beta, tda.neg_shots, tda.pos_shots) == (0.117, 1.0, 2, 3)
+    assert classifier_templates("tda", "imagenet_r") == promptkit.IMAGENET_TEMPLATES
+    assert classifier_templates("tda", "caltech101") == promptkit.IMAGENET_TEMPLATES_7
+    assert classifier_templates("tda", "oxford_pets") == ("a photo of a {}, a type of pet.",)
+    assert classifier_templates("tpt", "oxford_pets") == ("a photo of a {}.",)
+    plain = promptkit.create_adapter("tda", zero_shot)  # no dataset: TDA's ImageNet configuration, one view
+    assert (plain.pos_alpha, plain.pos_beta, plain.n_views) == (2.0, 5.0, 1)
+    with pytest.raises(KeyError, match="unknown dataset 'imagenet-z'"):
+        promptkit.create_adapter("tpt", coop, dataset="imagenet-z")

@@ -90,7 +90,8 @@ class ImageFolderDataset(_Files):
 class CoOpSplitDataset(_Files):
     """One split of CoOp's `split_zhou_<Dataset>.json`: `{"train"|"val"|"test": [[relpath, label, classname], ...]}`.
 
-    Class names come from the file, ordered by label; labels must be 0..C-1 over all splits, each with one name.
+    Class names come from the file, ordered by label, `_` read as a space; labels must be 0..C-1 over all splits,
+    each with one name.
 
     Args:
         root: image folder the relative paths start from (e.g. `caltech-101/101_ObjectCategories`).
@@ -131,7 +132,8 @@ class CoOpSplitDataset(_Files):
         if not samples[0][0].exists():
             raise FileNotFoundError(f"{samples[0][0]} (first image of {split!r}) does not exist; `root` must be the "
                                     f"folder the split file's paths are relative to")
-        super().__init__(samples, [names[i] for i in range(len(names))], transform, skip_unreadable)
+        # `american_bulldog`, `Apply_Eye_Makeup`: read as spaces, as ImageFolderDataset and the official learners do.
+        super().__init__(samples, [names[i].replace("_", " ") for i in range(len(names))], transform, skip_unreadable)
 
 
 class Subset(Dataset):

@@ -16,11 +16,19 @@ from ..clip import FrozenCLIP
 @dataclass
 class LossOutput:
     """What `training_loss` returns: `loss` is what the trainer backpropagates, `logits` feed
-    the running accuracy, `terms` are detached scalars for the log (e.g. `ce`, `kg`)."""
+    the running accuracy, `terms` are detached scalars for the log (e.g. `ce`, `kg`).
+
+    A gradient rule that is not linear in the batch (ProGrad's projection) returns its losses as
+    `gradient_terms` instead: the trainer then accumulates each term's gradient over micro-batches,
+    averages it over processes, and calls the learner's `combine_gradients` once per step, so the rule
+    sees the whole batch's gradients whatever the accumulation or number of processes. `loss` is then
+    only logged and checked for finiteness.
+    """
 
     loss: torch.Tensor
     logits: torch.Tensor
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
+    gradient_terms: dict[str, torch.Tensor] | None = None
 
 
 class PromptLearner(nn.Module):
@@ -32,6 +40,10 @@ class PromptLearner(nn.Module):
 
     Every constructor keyword is recorded in `hparams`, so `save_pretrained` / `load_pretrained`
     rebuild the method without further code.
+
+    Every learner also takes `seed=`: the random initialisation of its prompts (and of any layers it
+    owns) is then drawn from that seed, leaving the caller's random state untouched; without it, from the
+    global generator. The seed is kept in `init_seed`.
     """
 
     method: str = ""
@@ -44,7 +56,13 @@ class PromptLearner(nn.Module):
         init, signature = cls.__init__, inspect.signature(cls.__init__)
 
         @functools.wraps(init)
-        def recording_init(self, *args, **kw):
+        def recording_init(self, *args, seed: int | None = None, **kw):
+            if seed is not None:
+                with torch.random.fork_rng(devices=_cuda_devices()):
+                    torch.manual_seed(seed)
+                    recording_init(self, *args, **kw)
+                self.init_seed = seed
+                return
             init(self, *args, **kw)
             if type(self) is cls:  # the most-derived constructor records the keywords
                 bound = signature.bind(self, *args, **kw)
@@ -59,12 +77,10 @@ class PromptLearner(nn.Module):
         if not isinstance(clip, FrozenCLIP):
             raise TypeError(f"expected a promptkit.FrozenCLIP, got {type(clip).__name__}; wrap an open_clip "
                             f"model with promptkit.FrozenCLIP(model) or use promptkit.load_clip(...)")
-        classnames = [str(c) for c in classnames]
-        if not classnames:
-            raise ValueError("classnames is empty: pass the list of class names, in label order")
         self.clip = clip
-        self.classnames = classnames
+        self.classnames = check_classnames(classnames)
         self.hparams: dict = {}
+        self.init_seed: int | None = None
 
     @property
     def n_classes(self) -> int:
@@ -126,6 +142,14 @@ class PromptLearner(nn.Module):
         ce = F.cross_entropy(logits.float(), labels)
         return LossOutput(ce, logits, {"ce": ce.detach()})
 
+    def combine_gradients(self, grads: dict[str, list[torch.Tensor]]) -> list[torch.Tensor]:
+        """The gradient of each prompt parameter from the whole batch's gradients of each of the
+        `gradient_terms` (same order as `prompt_parameters()`). Only for learners that return them."""
+        raise NotImplementedError(f"{type(self).__name__} returned gradient_terms but does not combine them")
+
+    def on_epoch_start(self, epoch: int, epochs: int) -> None:
+        """Called by the trainer before each epoch (0-based `epoch`), also the first one after a resume."""
+
     def on_epoch_end(self, epoch: int, epochs: int) -> None:
         """Called by the trainer after each epoch (1-based `epoch`); e.g. prompt averaging."""
 
@@ -138,6 +162,36 @@ class PromptLearner(nn.Module):
 
     def extra_repr(self) -> str:
         return f"method={self.method!r}, classes={self.n_classes}, hparams={self.hparams}"
+
+
+def _cuda_devices() -> list[int]:
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+
+
+def check_classnames(classnames) -> list[str]:
+    """Class names as prompts read them: `_` as a space (CoOp's split files and folder names use `apple_pie`,
+    and every official learner tokenises `name.replace("_", " ")`), surrounding spaces removed.
+
+    Raises:
+        TypeError: a single string (it would become one class per character).
+        ValueError: no names, an empty name, or two names that read the same.
+    """
+    if isinstance(classnames, (str, bytes)):
+        raise TypeError(f"classnames must be a list of class names in label order, not the string {classnames!r}; "
+                        f"e.g. ['cat', 'dog']")
+    names = [" ".join(str(c).replace("_", " ").split()) for c in classnames]
+    if not names:
+        raise ValueError("classnames is empty: pass the list of class names, in label order")
+    empty = [i for i, name in enumerate(names) if not name]
+    if empty:
+        raise ValueError(f"class names at labels {empty[:5]} are empty; give every class a name")
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name in seen:
+            raise ValueError(f"labels {seen[name]} and {i} have the same class name {name!r}; class names must be "
+                             f"distinct (prompts could not tell them apart)")
+        seen[name] = i
+    return names
 
 
 def _jsonable(value):

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..hooks import Hook
 from ..registry import register_method
+from ..templates import dataset_template
 from .base import LossOutput
 from .coop import CoOp
 
@@ -42,44 +43,69 @@ class ClassAwarePrompts(nn.Module):
 class CAVPT(CoOp):
     """CoOp text context + deep VPT tokens in the lower vision layers + class-aware visual prompts in the
     top `class_aware_layers` layers, built from the learned text features of the `top_k` classes that
-    frozen zero-shot CLIP ranks highest for the image. Loss = CE + `aux_weight` x CE of the per-layer
-    class-aware classifiers, counted on the prompt of the true class when it is among the top K.
+    frozen zero-shot CLIP ranks highest for the image.
 
-    As in the authors' code (fanrena/DPT): prompt tokens are added after `ln_pre`, fresh at every layer
-    and dropped after it; keys/values are the layer's image tokens (detached) plus 10 learnable tokens;
-    query/key maps to 32 dims. Differences: the class-text input is the normalised learned text
-    feature (the eval loop shares it), and the authors' optional first-stage losses are not used.
-    Defaults: 16 context tokens, 10 VPT tokens, class-aware prompts in the top 3 layers, K = 10,
-    auxiliary weight 0.3.
+    Loss, as the authors' code (fanrena/DPT, `trainers/DPT.py`): during the first `first_stage_epochs`
+    epochs (their script: 30 of 60) CE(frozen image features vs learned text) + CE(prompted image features
+    vs hand-crafted text) + 0.1 x CE(full model), then CE(full model); always plus `aux_weight` x CE of the
+    per-layer class-aware classifiers on the prompt of the true class when it is among the top K (a batch
+    without such a prompt adds nothing; the official code gives NaN there). The trainer tells the learner
+    the epoch (`on_epoch_start`); a loop of your own should call it too.
+
+    As the authors' code: the class-aware layers read the *unnormalised* learned text features; prompt
+    tokens are added after `ln_pre`, fresh at every layer and dropped after it; keys/values are the layer's
+    image tokens (detached) plus 10 learnable tokens; query/key maps to 32 dims. Defaults are their
+    script's: 16 context tokens, 10 VPT tokens, class-aware prompts in the last layer only, K = 10,
+    auxiliary weight 0.3, the dataset's CoOp template for the zero-shot ranking (`dataset`).
     """
 
     image_prompted = True
 
-    def __init__(self, clip, classnames: Sequence[str], n_ctx: int = 16, ctx_init: str | None = None,
+    def __init__(self, clip, classnames: Sequence[str], n_ctx: int | None = 16, ctx_init: str | None = None,
                  class_specific: bool = False, class_token_position: str = "end", init_std: float = 0.02,
-                 n_vpt: int = 10, class_aware_layers: int = 3, top_k: int = 10, n_kv: int = 10,
-                 attn_dim: int = 32, aux_weight: float = 0.3, templates: Sequence[str] = ("a photo of a {}.",)):
+                 n_vpt: int = 10, class_aware_layers: int = 1, top_k: int = 10, n_kv: int = 10,
+                 attn_dim: int = 32, aux_weight: float = 0.3, first_stage_epochs: int = 30,
+                 dataset: str | None = None, templates: Sequence[str] | None = None):
         clip.require_vit("CAVPT")
         super().__init__(clip, classnames, n_ctx, ctx_init, class_specific, class_token_position, init_std)
         layers = len(clip.vision_blocks)
         if not 0 <= class_aware_layers <= layers:
             raise ValueError(f"class_aware_layers must be in [0, {layers}], got {class_aware_layers}")
-        self.top_k, self.aux_weight = min(top_k, self.n_classes), aux_weight
+        self.top_k, self.aux_weight, self.first_stage_epochs = min(top_k, self.n_classes), aux_weight, first_stage_epochs
+        self.epoch = 0
         device = self.ctx.device
         self.vpt = nn.Parameter(torch.randn(layers - class_aware_layers if n_vpt else 0, n_vpt, clip.vision_width,
                                             device=device) * 0.02)
         self.class_aware = nn.ModuleList(
             ClassAwarePrompts(clip.embed_dim, clip.vision_width, self.n_classes, n_kv, attn_dim)
             for _ in range(class_aware_layers)).to(device)
+        templates = templates or [dataset_template(dataset, "coop")]
         self.register_buffer("zero_shot_text", clip.zero_shot_text_features(self.classnames, list(templates)),
                              persistent=False)
+        self._eval_text = None  # (normalised, raw) text features of the last `text_features()` without grad
 
-    def _encode(self, images: torch.Tensor, text: torch.Tensor):
-        """Prompted image features [B, D], per-layer class-aware logits [B, layers, K, C] and top-K classes [B, K]."""
+    def on_epoch_start(self, epoch: int, epochs: int) -> None:
+        self.epoch = epoch
+
+    def _raw_text(self) -> torch.Tensor:
+        return self.clip.encode_text(self.tokens, normalize=False, hooks=self.text_hooks())
+
+    def text_features(self) -> torch.Tensor:
+        raw = self._raw_text()
+        text = F.normalize(raw, dim=-1)
+        # Evaluation computes text features once and passes them back to `forward`: keep the raw ones the
+        # class-aware layers need (only without grad, so no training graph is held).
+        self._eval_text = None if torch.is_grad_enabled() else (text, raw)
+        return text
+
+    def _encode(self, images: torch.Tensor, raw_text: torch.Tensor):
+        """Prompted image features [B, D], per-layer class-aware logits [B, layers, K, C], top-K classes [B, K]
+        and frozen image features [B, D]."""
         clip = self.clip
         with torch.no_grad():
-            top = (clip.encode_image(images) @ self.zero_shot_text.t()).topk(self.top_k, dim=-1).indices
-        class_text = text[top]                                                  # [B, K, D]
+            frozen = clip.encode_image(images)
+            top = (frozen @ self.zero_shot_text.t()).topk(self.top_k, dim=-1).indices
+        class_text = raw_text[top]                                              # [B, K, D]
         prompt_counts = [self.vpt.shape[1]] * len(self.vpt) + [self.top_k] * len(self.class_aware)
         layer_logits = []
 
@@ -102,24 +128,36 @@ class CAVPT(CoOp):
         hooks += [swap(len(self.vpt) + j, class_aware(m)) for j, m in enumerate(self.class_aware)]
         features = clip.encode_image(images, hooks=hooks)
         stacked = torch.stack(layer_logits, 1) if layer_logits else None
-        return features, stacked, top
+        return features, stacked, top, frozen
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        return self._encode(images, self.text_features())[0]
+        return self._encode(images, self._raw_text())[0]
 
     def forward(self, images=None, *, image_features=None, text_features=None) -> torch.Tensor:
-        text = self.text_features() if text_features is None else text_features
+        if text_features is None:
+            raw = self._raw_text()
+            text_features = F.normalize(raw, dim=-1)
+        elif self._eval_text is not None and self._eval_text[0] is text_features:
+            raw = self._eval_text[1]
+        else:
+            raw = self._raw_text()
         if image_features is None:
-            image_features = self._encode(images, text)[0]
-        return self.logits(image_features, text)
+            image_features = self._encode(images, raw)[0]
+        return self.logits(image_features, text_features)
 
     def training_loss(self, labels, images=None, *, image_features=None) -> LossOutput:
-        text = self.text_features()
-        features, layer_logits, top = self._encode(images, text)
+        raw = self._raw_text()
+        text = F.normalize(raw, dim=-1)
+        features, layer_logits, top, frozen = self._encode(images, raw)
         logits = self.logits(features, text)
         ce = F.cross_entropy(logits.float(), labels)
         terms = {"ce": ce.detach()}
         loss = ce
+        if self.epoch < self.first_stage_epochs:  # general-knowledge guidance, both branches against CLIP
+            text_branch = F.cross_entropy(self.logits(frozen, text).float(), labels)
+            image_branch = F.cross_entropy(self.logits(features, self.zero_shot_text).float(), labels)
+            loss = text_branch + image_branch + 0.1 * ce
+            terms.update(text_branch=text_branch.detach(), image_branch=image_branch.detach())
         if layer_logits is not None:
             hit = (top == labels[:, None])                                           # [B, K]
             chosen = layer_logits.permute(0, 2, 1, 3)[hit]                            # [hits, layers, C]

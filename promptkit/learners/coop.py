@@ -65,6 +65,29 @@ def context_hook(clip, ctx: torch.Tensor | callable, ctx_pos: torch.Tensor) -> H
     return Hook(clip.model.token_embedding, hook)
 
 
+def init_context(clip, n_ctx: int | None, ctx_init: str | None, init_std: float) -> tuple[torch.Tensor, list | None]:
+    """Initial context [n_ctx, W] and the token ids its slots hold in the prompt table (None: placeholders).
+
+    With `ctx_init`, its word embeddings are the last tokens of the context and any further ones are zero
+    vectors in front (ProGrad's "X X ... a photo of a"); `n_ctx=None` takes the length of `ctx_init`.
+    Without it, `n_ctx` (None: 16) vectors are drawn from N(0, init_std^2).
+    """
+    if not ctx_init:
+        n_ctx = 16 if n_ctx is None else n_ctx
+        if n_ctx < 1:
+            raise ValueError(f"n_ctx must be >= 1, got {n_ctx} (or give ctx_init)")
+        return torch.randn(n_ctx, clip.text_width) * init_std, None
+    init_ids = clip.word_ids(ctx_init.replace("_", " "))
+    n_ctx = len(init_ids) if n_ctx is None else n_ctx
+    if n_ctx < len(init_ids):
+        raise ValueError(f"n_ctx={n_ctx} is shorter than ctx_init {ctx_init!r} ({len(init_ids)} tokens); use n_ctx "
+                         f">= {len(init_ids)} (extra tokens start as zero vectors in front) or n_ctx=None")
+    pad = n_ctx - len(init_ids)
+    words = clip.model.token_embedding.weight[init_ids].detach().float().cpu()
+    init = torch.cat([torch.zeros(pad, clip.text_width), words])
+    return init, clip.word_ids("X") * pad + init_ids
+
+
 @register_method("coop")
 class CoOp(PromptLearner):
     """Learnable context vectors in front of (or around) the class name, text side only.
@@ -72,33 +95,27 @@ class CoOp(PromptLearner):
     Args:
         clip: the frozen model.
         classnames: class names in label order.
-        n_ctx: number of context tokens (paper: 16; 4 with `ctx_init`).
-        ctx_init: words to initialise the context from (e.g. "a photo of a"); sets `n_ctx`.
-        class_specific: one context per class (CSC) instead of one shared context.
+        n_ctx: number of context tokens (None: 16, or the length of `ctx_init`).
+        ctx_init: words to initialise the context from (e.g. "a photo of a"); with a longer `n_ctx` the
+            extra tokens are zero vectors in front of them, as ProGrad initialises its 16 tokens.
+        class_specific: one context per class (CSC) instead of one shared context. Unlike CoOp's code,
+            which ignores CSC when `ctx_init` is given, each class then starts from `ctx_init`.
         class_token_position: "end", "middle" or "front".
         init_std: std of the random Gaussian init when `ctx_init` is None.
     """
 
-    def __init__(self, clip, classnames: Sequence[str], n_ctx: int = 16, ctx_init: str | None = None,
+    def __init__(self, clip, classnames: Sequence[str], n_ctx: int | None = None, ctx_init: str | None = None,
                  class_specific: bool = False, class_token_position: str = "end", init_std: float = 0.02):
         super().__init__(clip, classnames)
-        embedding = clip.model.token_embedding
-        if ctx_init:
-            init_ids = clip.word_ids(ctx_init.replace("_", " "))
-            n_ctx = len(init_ids)
-            init = embedding.weight[init_ids].detach().clone().float()
-        else:
-            if n_ctx < 1:
-                raise ValueError("n_ctx must be >= 1 (or give ctx_init)")
-            init_ids = None
-            init = torch.randn(n_ctx, clip.text_width) * init_std
+        init, init_ids = init_context(clip, n_ctx, ctx_init, init_std)
+        self.n_ctx = n_ctx = len(init)
         if class_specific:
             init = init.unsqueeze(0).repeat(self.n_classes, 1, 1)
-        self.n_ctx = n_ctx
-        self.ctx = nn.Parameter(init.to(embedding.weight.device))
+        device = clip.model.token_embedding.weight.device
+        self.ctx = nn.Parameter(init.to(device))
         tokens, ctx_pos = build_prompts(clip, self.classnames, n_ctx, class_token_position, init_ids)
-        self.register_buffer("tokens", tokens.to(self.ctx.device), persistent=False)
-        self.register_buffer("ctx_pos", ctx_pos.to(self.ctx.device), persistent=False)
+        self.register_buffer("tokens", tokens.to(device), persistent=False)
+        self.register_buffer("ctx_pos", ctx_pos.to(device), persistent=False)
 
     def text_hooks(self) -> list[Hook]:
         """Hooks that put this learner's context into the text encoder."""

@@ -1,6 +1,7 @@
 """IVLP (independent vision-language prompting, as defined in MaPLe) and MaPLe (Khattak et al., CVPR 2023)."""
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
 import torch
@@ -18,13 +19,10 @@ class DeepPrompts(PromptLearner):
 
     image_prompted = True
 
-    def __init__(self, clip, classnames: Sequence[str], n_ctx: int, ctx_init: str | None, text_depth: int | None,
-                 vision_depth: int | None):
+    def __init__(self, clip, classnames: Sequence[str], n_ctx: int, ctx_init: str | None, text_depth: int,
+                 vision_depth: int):
         clip.require_vit(type(self).__name__)
         super().__init__(clip, classnames)
-        # None: the papers' 9 layers (of 12), or every layer of a shallower model.
-        text_depth = min(9, len(clip.text_blocks)) if text_depth is None else text_depth
-        vision_depth = min(9, len(clip.vision_blocks)) if vision_depth is None else vision_depth
         self.text_depth, self.vision_depth = text_depth, vision_depth
         check_depth(text_depth, len(clip.text_blocks), "text prompt")
         check_depth(vision_depth, len(clip.vision_blocks), "vision prompt")
@@ -64,20 +62,24 @@ class DeepPrompts(PromptLearner):
 class IVLP(DeepPrompts):
     """Independent deep vision and language prompts, no coupling.
 
-    Defaults follow MaPLe's IVLP baseline and PromptSRC (which builds on IVLP): context from
-    "a photo of a", 2 text and 2 vision tokens, prompts in the first 9 layers of both towers.
+    Defaults are MaPLe's IVLP baseline (configs/trainers/IVLP/vit_b16_c2_ep5_batch4_2+2ctx.yaml, the
+    numbers the README quotes): context from "a photo of a", 2 text and 2 vision tokens, prompts in every
+    layer of both towers (12/12 on ViT-B). PromptSRC's IVLP uses 4+4 tokens at depth 9 (`PromptSRC`).
 
     Args:
         n_ctx: learned text tokens; n_vision: vision tokens per layer.
         ctx_init: words the text prompt starts from (its first n_ctx tokens are learned).
         text_depth, vision_depth: layers with prompts (0: none; text depth 0 keeps only the layer-0 context;
-            None: 9, or all layers of a shallower model).
+            None: every layer).
         vision_init_std: std of the vision prompts' Gaussian init.
     """
 
     def __init__(self, clip, classnames: Sequence[str], n_ctx: int = 2, n_vision: int = 2,
                  ctx_init: str | None = "a photo of a", text_depth: int | None = None,
                  vision_depth: int | None = None, vision_init_std: float = 0.02):
+        clip.require_vit(type(self).__name__)
+        text_depth = len(clip.text_blocks) if text_depth is None else text_depth
+        vision_depth = len(clip.vision_blocks) if vision_depth is None else vision_depth
         super().__init__(clip, classnames, n_ctx, ctx_init, text_depth, vision_depth)
         self.vision = nn.Parameter(torch.randn(self.vision_depth, n_vision, clip.vision_width,
                                                device=self.ctx.device) * vision_init_std)
@@ -104,10 +106,14 @@ class MaPLe(DeepPrompts):
 
     def __init__(self, clip, classnames: Sequence[str], n_ctx: int = 2, ctx_init: str | None = "a photo of a",
                  depth: int | None = None):
+        clip.require_vit("MaPLe")
         if depth is None:
             depth = min(9, len(clip.text_blocks), len(clip.vision_blocks))
         super().__init__(clip, classnames, n_ctx, ctx_init, depth, depth)
-        self.coupling = nn.ModuleList(nn.Linear(clip.text_width, clip.vision_width) for _ in range(depth))
+        # As the official code: layer 0 has its own Linear; the deeper ones start as copies of one Linear.
+        deep = nn.Linear(clip.text_width, clip.vision_width)
+        first = [nn.Linear(clip.text_width, clip.vision_width)] if depth else []
+        self.coupling = nn.ModuleList(first + [copy.deepcopy(deep) for _ in range(depth - 1)])
         self.coupling.to(self.ctx.device)
 
     def vision_prompts(self) -> list[torch.Tensor]:

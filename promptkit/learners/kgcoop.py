@@ -6,6 +6,7 @@ from typing import Sequence
 import torch.nn.functional as F
 
 from ..registry import register_method
+from ..templates import dataset_template
 from .base import LossOutput
 from .coop import CoOp
 
@@ -15,15 +16,16 @@ class KgCoOp(CoOp):
     """CoOp + `weight` x (1 - mean cosine(learned class text features, hand-crafted ones)): the learned
     prompts stay close to CLIP's general knowledge. Hand-crafted features are encoded once.
 
-    Defaults are the paper's: weight 8.0, 4 context tokens from "a photo of a", the dataset's
-    hand-crafted template (`templates`).
+    Defaults are the official code's: weight 8.0, 4 context tokens from "a photo of a", KgCoOp's hand-crafted
+    template for `dataset` (its own per-dataset table; None: "a photo of a {}.") unless `templates` is given.
     """
 
-    def __init__(self, clip, classnames: Sequence[str], n_ctx: int = 4, ctx_init: str | None = "a photo of a",
+    def __init__(self, clip, classnames: Sequence[str], n_ctx: int | None = 4, ctx_init: str | None = "a photo of a",
                  class_specific: bool = False, class_token_position: str = "end", init_std: float = 0.02,
-                 weight: float = 8.0, templates: Sequence[str] = ("a photo of a {}.",)):
+                 weight: float = 8.0, dataset: str | None = None, templates: Sequence[str] | None = None):
         super().__init__(clip, classnames, n_ctx, ctx_init, class_specific, class_token_position, init_std)
         self.weight = weight
+        templates = templates or [dataset_template(dataset, "kgcoop")]
         self.register_buffer("handcrafted", clip.zero_shot_text_features(self.classnames, list(templates)),
                              persistent=False)
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import register_method
-from ..templates import IMAGENET_TEMPLATES
+from ..templates import PROMPTSRC_TEMPLATES
 from .base import LossOutput
 from .ivlp import IVLP
 
@@ -18,9 +18,11 @@ class PromptSRC(IVLP):
     """IVLP prompts regularised towards frozen CLIP, and averaged over epochs.
 
     Loss = CE + `text_weight` * L1(learned, frozen text features) + `image_weight` * L1(prompted,
-    frozen image features) + KL(learned || frozen zero-shot logits) (the paper's L_SCL). The frozen
-    text features are the template ensemble (`templates`), encoded once. After training, the prompts
-    are the Gaussian-weighted average of the prompts after each epoch (GPA): weight of epoch e is
+    frozen image features) + KL(frozen zero-shot || learned logits) summed and divided by B x C (the
+    paper's L_SCL, as the official code computes it). The frozen text target is the official one: the
+    mean of the *unnormalised* text features over PromptSRC's 60 templates (`templates`), normalised once,
+    encoded once; it serves both the L1 term and the teacher logits. After training, the prompts are the
+    Gaussian-weighted average of the prompts after each epoch (GPA): weight of epoch e is
     N(e; `gpa_mean`, `gpa_std`), normalised over the epochs.
 
     Defaults are the paper's (base-to-novel, ViT-B/16): 4 text + 4 vision tokens, depth 9, weights 25
@@ -30,12 +32,16 @@ class PromptSRC(IVLP):
     def __init__(self, clip, classnames: Sequence[str], n_ctx: int = 4, n_vision: int = 4,
                  ctx_init: str | None = "a photo of a", text_depth: int | None = None, vision_depth: int | None = None,
                  text_weight: float = 25.0, image_weight: float = 10.0, gpa_mean: float | None = None,
-                 gpa_std: float = 1.0, templates: Sequence[str] = IMAGENET_TEMPLATES):
+                 gpa_std: float = 1.0, templates: Sequence[str] = PROMPTSRC_TEMPLATES):
+        clip.require_vit("PromptSRC")
+        # None: the paper's 9 layers (of 12), or every layer of a shallower model.
+        text_depth = min(9, len(clip.text_blocks)) if text_depth is None else text_depth
+        vision_depth = min(9, len(clip.vision_blocks)) if vision_depth is None else vision_depth
         super().__init__(clip, classnames, n_ctx, n_vision, ctx_init, text_depth, vision_depth)
         self.text_weight, self.image_weight = text_weight, image_weight
         self.gpa_mean, self.gpa_std = gpa_mean, gpa_std
-        self.register_buffer("frozen_text", clip.zero_shot_text_features(self.classnames, list(templates)),
-                             persistent=False)
+        self.register_buffer("frozen_text", clip.zero_shot_text_features(self.classnames, list(templates),
+                                                                         normalize_each=False), persistent=False)
         # Running Gaussian-weighted sums of the prompts (saved in checkpoints so resuming is exact).
         for name, p in self._prompts():
             self.register_buffer(f"gpa_{name}", torch.zeros_like(p))

@@ -17,26 +17,35 @@ class VPT(ZeroShotCLIP):
     hand-crafted prompts (template ensemble supported, encoded once).
 
     Args:
-        clip: the frozen model (ViT image tower).
+        clip: the frozen model.
         classnames: class names in label order.
-        n_tokens: prompt tokens per layer (VPT uses 1-200 depending on the task; 8 here).
+        n_tokens: prompt tokens per layer (MaPLe's deep-VPT baseline: 8).
         depth: 1 = shallow (tokens at the input only); L = deep (fresh tokens at each of the first L
             layers, replacing the previous layer's prompt outputs). None: every layer.
         templates: hand-crafted templates for the class text features.
+        init: "normal" (N(0, init_std^2), as MaPLe's deep-VPT baseline, whose numbers the README quotes) or
+            "uniform" (the VPT paper's U(-v, v), v = sqrt(6 / (3 * patch^2 + width))).
+        init_std: std of the "normal" init.
     """
 
     image_prompted = True
 
     def __init__(self, clip, classnames: Sequence[str], n_tokens: int = 8, depth: int | None = None,
-                 templates: Sequence[str] = ("a photo of a {}.",)):
+                 templates: Sequence[str] = ("a photo of a {}.",), init: str = "normal", init_std: float = 0.02):
         clip.require_vit("VPT")
         super().__init__(clip, classnames, templates)
         layers = len(clip.vision_blocks)
         depth = layers if depth is None else depth
         check_depth(depth, layers, "VPT")
-        patch = clip.model.visual.patch_size
-        patch = patch[0] if isinstance(patch, (tuple, list)) else patch
-        self.prompt_tokens = nn.Parameter(vpt_init(n_tokens, clip.vision_width, patch, depth if n_tokens else 0))
+        if init not in ("normal", "uniform"):
+            raise ValueError(f"init must be 'normal' or 'uniform', got {init!r}")
+        shape = (depth if n_tokens else 0, n_tokens, clip.vision_width)
+        if init == "normal":
+            tokens = torch.randn(shape) * init_std
+        else:
+            patch = clip.model.visual.patch_size
+            tokens = vpt_init(*shape[1:], patch[0] if isinstance(patch, (tuple, list)) else patch, shape[0])
+        self.prompt_tokens = nn.Parameter(tokens.to(clip.device))
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return self.clip.encode_image(images, hooks=visual_prompt_hooks(self.clip, list(self.prompt_tokens)))

@@ -6,6 +6,7 @@ from typing import Sequence
 import torch
 
 from ..registry import register_method
+from ..templates import dataset_template
 from .base import PromptLearner
 
 
@@ -17,14 +18,17 @@ class ZeroShotCLIP(PromptLearner):
         clip: the frozen model.
         classnames: class names in label order.
         templates: format strings with one `{}`; several are ensembled (mean of normalised
-            features, renormalised). See `promptkit.templates`.
+            features, renormalised). See `promptkit.templates`. Default: `dataset`'s template.
+        dataset: a dataset name selecting CoOp's per-dataset template (None: "a photo of a {}.").
     """
 
-    def __init__(self, clip, classnames: Sequence[str], templates: Sequence[str] = ("a photo of a {}.",)):
+    def __init__(self, clip, classnames: Sequence[str], templates: Sequence[str] | None = None,
+                 dataset: str | None = None):
         super().__init__(clip, classnames)
         if isinstance(templates, str):
             templates = (templates,)
-        if not templates or any("{}" not in t for t in templates):
+        templates = templates or (dataset_template(dataset, "coop"),)
+        if any("{}" not in t for t in templates):
             raise ValueError("templates must be a non-empty list of strings with one '{}' for the class name")
         self.templates = list(templates)
         # Constant: computed once, moved with the module, never saved.

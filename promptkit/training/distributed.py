@@ -22,17 +22,31 @@ def is_main() -> bool:
 
 
 def average_gradients(params) -> None:
-    """All-reduces prompt gradients to their mean over ranks (one flat buffer, one collective)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    """All-reduces prompt gradients to their mean over ranks."""
+    average([p.grad for p in params if p.grad is not None])
+
+
+def average(tensors) -> None:
+    """All-reduces `tensors` in place to their mean over ranks (one flat buffer, one collective)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1 or not tensors:
         return
-    grads = [p.grad for p in params if p.grad is not None]
-    flat = torch.cat([g.flatten() for g in grads])
+    flat = torch.cat([t.flatten() for t in tensors])
     dist.all_reduce(flat)
     flat /= dist.get_world_size()
     offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def broadcast(tensors) -> None:
+    """Overwrites `tensors` (contiguous, any dtype) on every rank with rank 0's; once per run, so one
+    collective per tensor is cheap."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    with torch.no_grad():
+        for t in tensors:
+            dist.broadcast(t, src=0)
 
 
 def gather_cat(tensor: torch.Tensor) -> torch.Tensor:

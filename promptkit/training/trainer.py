@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import shutil
@@ -19,10 +20,37 @@ from . import distributed
 from .config import TrainConfig
 
 CHECKPOINT = "checkpoint"
+# Settings a resumed run may change: how long it runs and how it is carried out, not what it learns so far.
+RESUMABLE = {"epochs", "eval_every", "checkpoint_every", "log_every", "progress", "num_workers", "device",
+             "eval_batch_size", "output_dir", "ece_bins"}
 
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+def data_fingerprint(dataset, labels: torch.Tensor) -> dict:
+    """Size and a digest of a dataset's identity: class names, labels and which samples (file paths, subset
+    indices, or the bytes of in-memory tensors), so a resume can tell that the data changed."""
+    digest = hashlib.sha256(json.dumps([list(getattr(dataset, "classnames", [])), labels.tolist()]).encode())
+    _digest_samples(dataset, digest)
+    return {"n": len(labels), "fingerprint": digest.hexdigest()}
+
+
+def _digest_samples(dataset, digest) -> None:
+    indices, inner = getattr(dataset, "indices", None), getattr(dataset, "dataset", None)
+    if indices is not None and inner is not None:  # Subset-like
+        digest.update(json.dumps(list(map(int, indices))).encode())
+        _digest_samples(inner, digest)
+        return
+    samples = getattr(dataset, "samples", None)
+    if samples is not None:
+        digest.update(json.dumps([str(sample[0]) for sample in samples]).encode())
+        return
+    tensors = getattr(dataset, "tensors", None) or [getattr(dataset, "images", None)]
+    for t in tensors:
+        if torch.is_tensor(t):
+            digest.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
 
 
 class PromptTrainer:
@@ -55,12 +83,16 @@ class PromptTrainer:
         Returns the last evaluation (or training) metrics."""
         cfg, learner = self.config, self.learner
         labels = self._check_dataset(train_dataset)
+        self._run = {"method": learner.method, "hparams": learner.hparams, "classnames": learner.classnames,
+                     "data": data_fingerprint(train_dataset, labels)}
         if cfg.batch_size % (self.world * cfg.grad_accum_steps):
             raise ValueError(f"batch_size {cfg.batch_size} must split evenly over {self.world} processes x "
                              f"{cfg.grad_accum_steps} accumulation steps")
         params = learner.prompt_parameters()
         if not params:
             raise ValueError(f"{learner.method or type(learner).__name__} has no prompt parameters to train")
+        # Every rank starts from rank 0's prompts, however each process initialised its learner.
+        distributed.broadcast(list(learner.prompt_state_dict().values()))
         optimizer = self._optimizer(params)
         scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16" and self.device.type == "cuda")
         start_epoch, step, best = 0, 0, None
@@ -76,6 +108,7 @@ class PromptTrainer:
         metrics = {}
         for epoch in range(start_epoch, cfg.epochs):
             learner.train()
+            learner.on_epoch_start(epoch, cfg.epochs)
             for group in optimizer.param_groups:
                 group["lr"] = self.lr_at(epoch)
             torch.manual_seed(cfg.seed * 100003 + epoch)  # all randomness of an epoch: f(seed, epoch)
@@ -136,13 +169,15 @@ class PromptTrainer:
         return classification_metrics(logits, labels, n_bins=cfg.ece_bins)
 
     def lr_at(self, epoch: int) -> float:
-        """Learning rate of a 0-based epoch: constant warm-up, then cosine over all epochs (as CoOp/Dassl)."""
+        """Learning rate of a 0-based epoch, as Dassl (CoOp and the papers built on it) schedules it: constant
+        warm-up, then a cosine over `epochs` whose count restarts after the warm-up (Dassl's default
+        `WARMUP_RECOUNT=True`), so the first epoch after the warm-up runs at the full rate."""
         cfg = self.config
         if epoch < cfg.warmup_epochs:
             return cfg.warmup_lr
         if cfg.scheduler == "constant":
             return cfg.lr
-        return 0.5 * cfg.lr * (1 + math.cos(math.pi * epoch / cfg.epochs))
+        return 0.5 * cfg.lr * (1 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / cfg.epochs))
 
     def summary(self) -> str:
         rows = [h for h in self.history]
@@ -160,6 +195,7 @@ class PromptTrainer:
         cfg, learner = self.config, self.learner
         optimizer.zero_grad(set_to_none=True)
         total, n_correct = torch.zeros((), device=self.device), torch.zeros((), dtype=torch.long, device=self.device)
+        term_grads: dict[str, list[torch.Tensor]] = {}  # whole-batch gradients of `gradient_terms`, per term
         image_chunks = None if images is None else images.chunk(cfg.grad_accum_steps)
         for j, micro in enumerate(local.chunk(cfg.grad_accum_steps)):
             y = labels[micro].to(self.device)
@@ -169,7 +205,16 @@ class PromptTrainer:
                 else:
                     out = learner.training_loss(y, image_chunks[j].to(self.device, non_blocking=True))
             loss = out.loss / cfg.grad_accum_steps
-            scaler.scale(loss).backward()
+            if out.gradient_terms:
+                for name, term in out.gradient_terms.items():
+                    grads = torch.autograd.grad(scaler.scale(term / cfg.grad_accum_steps), params,
+                                                retain_graph=True, allow_unused=True)
+                    sums = term_grads.setdefault(name, [torch.zeros_like(p) for p in params])
+                    for s, g in zip(sums, grads):
+                        if g is not None:
+                            s += g
+            else:
+                scaler.scale(loss).backward()
             total += loss.detach()
             n_correct += (out.logits.detach().argmax(-1) == y).sum()
         if not torch.isfinite(total):  # one host sync per step: a bad update must never be applied
@@ -179,9 +224,15 @@ class PromptTrainer:
                 return total, n_correct
             raise NonFiniteLossError(
                 f"loss is {total.item()} at step {step + 1} (epoch {epoch + 1}); the last good checkpoint in "
-                f"{self.out / CHECKPOINT if self.out else '(no output_dir)'} is kept. Lower the learning rate, use "
-                f"fp32/bf16, set grad_clip, or set nan_policy='skip'.")
-        distributed.average_gradients(params)
+                f"{self.out / CHECKPOINT if self.out else '(no output_dir)'} is kept. The images were finite (they are "
+                f"checked), so the prompts diverged: lower the learning rate, use fp32/bf16, set grad_clip, or set "
+                f"nan_policy='skip'.")
+        if term_grads:
+            distributed.average([g for grads in term_grads.values() for g in grads])
+            for p, g in zip(params, learner.combine_gradients(term_grads)):
+                p.grad = g
+        else:
+            distributed.average_gradients(params)
         if cfg.grad_clip:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -259,7 +310,7 @@ class PromptTrainer:
             rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
         save_tensors(rng, tmp / "rng_state.safetensors")
         save_json({"epoch": epoch, "global_step": step, "best_metric": best, "config": self.config.to_dict(),
-                   "method": self.learner.method, "optimizer_param_groups": state["param_groups"],
+                   **self._run, "optimizer_param_groups": state["param_groups"],
                    "scheduler": {"last_epoch": epoch, "lr": self.lr_at(max(epoch - 1, 0))},
                    "scaler": scaler.state_dict() if scaler.is_enabled() else None, "history": self.history},
                   tmp / "trainer_state.json")
@@ -277,9 +328,7 @@ class PromptTrainer:
             warnings.warn(f"resume=True but no checkpoint in {self.out}; starting from scratch")
             return 0, 0, None
         state = load_json(directory / "trainer_state.json")
-        if state.get("method") != self.learner.method:
-            raise ValueError(f"checkpoint in {directory} is for method {state.get('method')!r}, "
-                             f"not {self.learner.method!r}")
+        self._check_resume(directory, state)
         self.learner.load_prompt_state_dict(load_tensors(directory / WEIGHTS_NAME))
         tensors = load_tensors(directory / "optimizer.safetensors")
         per_param: dict = {}
@@ -294,6 +343,29 @@ class PromptTrainer:
         self.history = state.get("history", [])
         self._log_line(f"resumed from {directory}: {state['epoch']} epochs done, step {state['global_step']}")
         return state["epoch"], state["global_step"], state.get("best_metric")
+
+    def _check_resume(self, directory, state: dict) -> None:
+        """Refuses to continue another run: a different method, keywords, classes, training data or setting.
+        Settings that only change how the run is carried out (`RESUMABLE`) may change, and are logged."""
+        # A key the checkpoint lacks (written by promptkit 0.1) cannot be compared.
+        different = [f"{key}: checkpoint {state[key]!r}, now {value!r}"
+                     for key, value in self._run.items() if key != "data" and key in state and state[key] != value]
+        saved_data = state.get("data", self._run["data"])
+        if saved_data != self._run["data"]:
+            different.append(f"training data: checkpoint {saved_data.get('n')} images (fingerprint "
+                             f"{str(saved_data.get('fingerprint'))[:12]}), now {self._run['data']['n']} images "
+                             f"({self._run['data']['fingerprint'][:12]}); other images, split, shots or seed")
+        saved, now = state.get("config", {}), self.config.to_dict()
+        for key in sorted(saved.keys() | now.keys()):
+            if saved.get(key) != now.get(key):
+                if key in RESUMABLE:
+                    self._log_line(f"resume: {key} changed from {saved.get(key)!r} to {now.get(key)!r}")
+                else:
+                    different.append(f"{key}: checkpoint {saved.get(key)!r}, now {now.get(key)!r}")
+        if different:
+            raise ValueError(f"cannot resume the run in {directory}: it was trained differently ("
+                             + "; ".join(different) + "). Use the same settings, or start a new run in another "
+                             f"output directory (only {', '.join(sorted(RESUMABLE))} may change on resume)")
 
     def _log_metrics(self, metrics: dict) -> None:
         self.history.append(metrics)

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from ..clip import check_finite
 from .augment import CLIP_MEAN, CLIP_STD, MODES, as_image_batch, make_views, photo_pixels
 
 
@@ -72,6 +73,7 @@ class ViewAdapter(nn.Module):
         mean, std = _normalisation(clip.preprocess)
         photos = photo_pixels(images)
         images = as_image_batch(images, clip.preprocess, size, mean, std).to(clip.device)
+        check_finite(images)  # before the views: report positions in the caller's batch
         return make_views(images, self.n_views, self.augment, self.generator, mean, std, photos)
 
     def forward(self, images) -> torch.Tensor:
