@@ -109,7 +109,7 @@ def load_pretrained(directory, clip, strict: bool = True, classnames: Sequence[s
         raise ValueError(
             f"prompts in {directory} were trained on a different base model "
             f"({config['base_model'].get('arch')} / {config['base_model'].get('pretrained')}): {detail}. "
-            f"Load the matching model, or pass strict=False if the shapes still fit.")
+            f"Load the matching model, or pass strict=False (CLI: --no-strict) if the shapes still fit.")
     hparams = _upgrade(config, clip)
     learner = METHODS.get(config["method"])(clip, list(classnames or config["classnames"]), **hparams)
     learner.load_prompt_state_dict(load_tensors(directory / WEIGHTS_NAME), strict=strict)

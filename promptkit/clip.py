@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import warnings
+import zipfile
 from typing import Sequence
 
 import open_clip
@@ -211,19 +213,57 @@ def check_finite(images: torch.Tensor) -> None:
 
 
 def _open_clip_model(arch: str, pretrained: str | None, device, precision: str, cache_dir, quick_gelu):
-    if pretrained and not os.path.isfile(pretrained) and quick_gelu is None:
-        # OpenAI weights were trained with QuickGELU; open_clip 3.x would otherwise build GELU and only warn.
-        quick_gelu = bool(open_clip.get_pretrained_cfg(arch, pretrained).get("quick_gelu", False))
+    local = bool(pretrained) and os.path.isfile(pretrained)
+    if pretrained and not local:
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        if pretrained.lower().replace("-", "_") not in tags:  # open_clip's own tag normalisation
+            if os.sep in pretrained or os.path.splitext(pretrained)[1] in (".bin", ".pt", ".pth", ".safetensors"):
+                raise FileNotFoundError(f"pretrained file {pretrained} does not exist")
+            raise ValueError(f"unknown pretrained tag {pretrained!r} for {arch}: use a local checkpoint file or "
+                             f"one of {', '.join(tags) or '(none: this architecture has no released weights)'}")
+        if quick_gelu is None:
+            # OpenAI weights were trained with QuickGELU; open_clip 3.x would otherwise build GELU and only warn.
+            quick_gelu = bool(open_clip.get_pretrained_cfg(arch, pretrained).get("quick_gelu", False))
+    if local:
+        # A local file carries no tag. OpenAI's releases are TorchScript archives (a zip with code/ and
+        # constants.pkl: read by name, never unpickled) named after the architecture; a converted copy is
+        # recognised by "openai" in its name (as the conversion below suggests).
+        try:
+            with zipfile.ZipFile(pretrained) as archive:
+                torchscript = any("/code/" in n or n.endswith("constants.pkl") for n in archive.namelist())
+        except zipfile.BadZipFile:
+            torchscript = False
+        named = os.path.basename(pretrained) in {f"{name}.pt" for name in (
+            "ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336px", "RN50", "RN101", "RN50x4", "RN50x16", "RN50x64")
+        } or "openai" in os.path.basename(pretrained).lower()
+        if quick_gelu is None and (torchscript or named):
+            quick_gelu = True
+            warnings.warn(f"{pretrained} looks like OpenAI's weights ("
+                          f"{'a TorchScript archive' if torchscript else 'its name'}): building {arch} with QuickGELU, "
+                          f"as they were trained; pass quick_gelu=False (CLI: --no-quick-gelu) to build GELU")
+        elif quick_gelu is None:
+            warnings.warn(f"building {arch} with GELU for {pretrained}; if it holds OpenAI weights pass "
+                          f"quick_gelu=True (CLI: --quick-gelu), they were trained with QuickGELU")
     kwargs = dict(precision=precision, device=device or "cpu", force_quick_gelu=bool(quick_gelu), cache_dir=cache_dir)
     try:
         return open_clip.create_model_and_transforms(arch, pretrained=pretrained, **kwargs)
     except RuntimeError as err:
-        if pretrained and not os.path.isfile(pretrained):
+        if local and torchscript:  # open_clip reads these only through pickle (weights_only=False)
+            keep = "if k not in ('input_resolution', 'context_length', 'vocab_size')"
+            raise ValueError(
+                f"{pretrained} is a TorchScript archive (OpenAI's release format), which loads only by running its "
+                f"pickled code; promptkit never does that. Convert it once, where you trust the file: python -c "
+                f"\"import torch, safetensors.torch as s; s.save_file({{k: v.contiguous() for k, v in torch.jit.load("
+                f"'{pretrained}', map_location='cpu').state_dict().items() {keep}}}, '{arch}-openai.safetensors')\" "
+                f"and pass {arch}-openai.safetensors") from err
+        if local:
+            raise ValueError(f"cannot load {pretrained} as {arch} weights: {str(err).splitlines()[0]}") from err
+        if pretrained:
             raise RuntimeError(
                 f"could not load pretrained weights {pretrained!r} for {arch} ({err}). promptkit never needs the "
                 f"network: download the checkpoint once and pass its path, e.g. "
-                f"load_clip({arch!r}, pretrained='/path/to/{arch}.bin'), or pass cache_dir= where open_clip "
-                f"already cached it.") from err
+                f"load_clip({arch!r}, pretrained='/path/to/{arch}.bin') (CLI: --pretrained /path/to/{arch}.bin), "
+                f"or pass cache_dir= (CLI: --cache-dir) where open_clip already cached it.") from err
         raise
 
 
@@ -239,9 +279,16 @@ def load_clip(arch: str, pretrained: str | None = None, *, device=None, precisio
         device: where to put the model (default CPU).
         precision: "fp32", "fp16" or "bf16" weights.
         cache_dir: open_clip's download cache.
-        quick_gelu: force QuickGELU; by default taken from the pretrained tag (True for OpenAI weights).
-            Set it for a local file of OpenAI weights.
+        quick_gelu: force QuickGELU (True) or GELU (False). By default taken from the pretrained tag (True
+            for OpenAI weights); for a local file, True when it is an OpenAI release (a TorchScript archive,
+            or named like `ViT-B-32.pt`), with a warning saying which activation was built.
     """
+    if arch == TINY_PRETRAINED or arch in TEST_MODELS:
+        given = [f"{name} (CLI: --{name.replace('_', '-')})" for name, value in (
+            ("pretrained", pretrained), ("cache_dir", cache_dir), ("quick_gelu", quick_gelu)) if value is not None]
+        if given:
+            raise ValueError(f"{arch!r} is built into promptkit, weights and activation included; it takes no "
+                             f"{', '.join(given)}")
     if arch == TINY_PRETRAINED:
         from .tiny import load_tiny_clip
 
@@ -249,8 +296,6 @@ def load_clip(arch: str, pretrained: str | None = None, *, device=None, precisio
         return FrozenCLIP(_cast(model, precision), arch=arch, pretrained="embedded")
     if arch in TEST_MODELS:
         embed_dim, vision_cfg, text_cfg = TEST_MODELS[arch]
-        if pretrained is not None:
-            raise ValueError(f"{arch!r} is a tiny random test model; it has no pretrained weights")
         with torch.random.fork_rng(devices=[]):  # same weights every time, caller's RNG untouched
             torch.manual_seed(0)
             model = open_clip.model.CLIP(embed_dim, vision_cfg=vision_cfg, text_cfg=text_cfg)

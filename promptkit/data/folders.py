@@ -53,7 +53,7 @@ class _Files(Dataset):
                 image = image.convert("RGB")
         except (OSError, UnidentifiedImageError) as err:
             raise ValueError(f"cannot read image {path} ({err}); fix or remove it, "
-                             f"or pass skip_unreadable=True") from err
+                             f"or pass skip_unreadable=True (CLI: --skip-unreadable)") from err
         return (self.transform(image) if self.transform else image), label
 
 
@@ -178,7 +178,7 @@ def few_shot(dataset, k: int, seed: int = 1, allow_fewer: bool = False) -> Subse
     if short:
         message = f"{len(short)} classes have fewer than {k} images: {', '.join(short[:5])}"
         if not allow_fewer:
-            raise ValueError(message + "; use fewer shots or allow_fewer=True")
+            raise ValueError(message + "; use fewer shots or allow_fewer=True (CLI: --allow-fewer)")
         warnings.warn(message + "; using all their images")
     return Subset(dataset, torch.cat(chosen).sort().values.tolist())
 

@@ -2,62 +2,134 @@
 from __future__ import annotations
 
 import argparse
+import collections.abc
+import difflib
+import inspect
 import json
+import shutil
+import types
+import typing
+import warnings
 from pathlib import Path
 
-from ..training.config import TrainConfig, parse_overrides
+from ..training.config import TrainConfig, _yaml, parse_overrides
+
+# TrainConfig fields the CLI sets from its own flags; as key=value they would be silently replaced.
+FLAG_FIELDS = {"seed": "--seed", "output_dir": "--out", "device": "--device"}
+# What a training run writes into --out: a directory holding any of these already holds a run.
+RUN_FILES = ("checkpoint", "checkpoint.old", "checkpoint.tmp", "prompts", "metrics.csv", "metrics.jsonl",
+             "train.log", "config.json", "tensorboard")
 
 
 def add_model_and_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", default="promptkit-tiny", help="open_clip architecture (default: promptkit-tiny)")
     parser.add_argument("--pretrained", default=None, help="open_clip tag or local checkpoint file")
+    parser.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None,
+                        help="build the model with QuickGELU, as OpenAI's weights need (default: from the "
+                             "pretrained tag, or detected for a local OpenAI checkpoint)")
+    parser.add_argument("--cache-dir", default=None, help="open_clip's download cache")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
     parser.add_argument("--data", required=True,
                         help="image folder (root/<class>/<images>), the image root of --split-json, or 'procedural'")
     parser.add_argument("--split-json", default=None, help="CoOp split file (split_zhou_*.json)")
     parser.add_argument("--classes", default="all", choices=["all", "base", "novel"], help="base-to-novel subset")
+    parser.add_argument("--skip-unreadable", action="store_true",
+                        help="check every image file first and skip those that cannot be read")
 
 
-def load_model(args):
-    import torch
+def add_load_args(parser: argparse.ArgumentParser, default_help: str) -> None:
+    parser.add_argument("--load", default=None, help=f"save_pretrained directory (default: {default_help})")
+    parser.add_argument("--no-strict", dest="strict", action="store_false",
+                        help="load --load prompts on a different base model when the tensor shapes still fit")
 
+
+def load_model(args, device: str | None = None):
     from ..clip import load_clip
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return load_clip(args.arch, args.pretrained, device=device, precision=args.precision)
+    return load_clip(args.arch, args.pretrained, device=_device(args.device or device), precision=args.precision,
+                     cache_dir=args.cache_dir, quick_gelu=args.quick_gelu)
 
 
-def load_split(args, clip, split: str, shots: int | None = None, seed: int = 1, photos: bool = False):
+def _device(name: str | None) -> str:
+    import torch
+
+    if name is None or name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or not available.get(device.type):
+        usable = ", ".join(k for k, ok in available.items() if ok) + (", cuda:N" if available["cuda"] else "")
+        problem = "is not a device name" if device is None else "is not available on this machine"
+        raise ValueError(f"--device {name} {problem}; use one of: {usable}")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has CUDA devices cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    return name
+
+
+def load_split(args, clip, split: str, shots: int | None = None, seed: int = 1, photos: bool = False,
+               allow_fewer: bool = False):
     """The dataset for `split` ("train", "val", "test"; "shifted" for the procedural benchmark); image
     files come preprocessed, or as PIL images with `photos`."""
     from ..data import CoOpSplitDataset, ImageFolderDataset, ProceduralBenchmark, few_shot
 
     if args.data == "procedural":
+        ignored = [flag for flag, given in (("--split-json", args.split_json), ("--skip-unreadable", args.skip_unreadable),
+                                            ("--allow-fewer", allow_fewer)) if given]
+        if ignored:
+            raise ValueError(f"{', '.join(ignored)}: for image files only, not --data procedural")
         return ProceduralBenchmark().split(split, shots=shots, seed=seed, classes=args.classes)
     transform = None if photos else clip.preprocess
     if args.split_json:
-        dataset = CoOpSplitDataset(args.data, args.split_json, split, transform=transform)
+        dataset = CoOpSplitDataset(args.data, args.split_json, split, transform=transform,
+                                   skip_unreadable=args.skip_unreadable)
     else:
-        dataset = ImageFolderDataset(args.data, transform=transform)
+        dataset = ImageFolderDataset(args.data, transform=transform, skip_unreadable=args.skip_unreadable)
     dataset = _classes(args, dataset)
-    return few_shot(dataset, shots, seed) if shots else dataset
+    return few_shot(dataset, shots, seed, allow_fewer=allow_fewer) if shots else dataset
+
+
+def has_splits(args) -> bool:
+    """Whether --data has named splits; an image folder is one split, so --split would be ignored."""
+    if args.split_json or args.data == "procedural":
+        return True
+    if getattr(args, "split", None):
+        raise ValueError(f"--split {args.split}: an image folder is one split; --split needs --split-json or "
+                         f"--data procedural")
+    return False
+
+
+def _shots(text: str) -> int | None:
+    if text == "all":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or 'all', got {text!r}")
+    return int(text)
 
 
 def configure(parser: argparse.ArgumentParser, command: str) -> None:
     add_model_and_data_args(parser)
     if command == "train":
         parser.add_argument("--method", default="coop", help="a registered method (promptkit list-methods)")
-        parser.add_argument("--shots", type=int, default=16)
-        parser.add_argument("--seed", type=int, default=1)
+        parser.add_argument("--shots", type=_shots, default=16,
+                            help="training images per class, or 'all' (image files only; default 16)")
+        parser.add_argument("--allow-fewer", action="store_true",
+                            help="take every image of a class that has fewer than --shots")
+        parser.add_argument("--seed", type=int, default=None, help="few-shot sampling and training seed "
+                                                                   "(default: --config's, else 1)")
         parser.add_argument("--out", required=True, help="output directory")
         parser.add_argument("--config", default=None, help="TrainConfig as JSON or YAML")
-        parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+        parser.add_argument("--resume", action="store_true", help="continue the run in OUT from OUT/checkpoint")
+        parser.add_argument("--overwrite", action="store_true", help="delete the run already in OUT first")
         parser.add_argument("overrides", nargs="*", metavar="key=value",
                             help="TrainConfig fields or method keywords, e.g. epochs=10 n_ctx=4")
     else:
-        parser.add_argument("--load", default=None, help="save_pretrained directory (default: zero-shot)")
-        parser.add_argument("--split", default="test")
+        add_load_args(parser, "zero-shot")
+        parser.add_argument("--split", default=None, help="test (default), val or train; with --split-json or "
+                                                          "procedural data (an image folder is one split)")
         parser.add_argument("--batch-size", type=int, default=256)
 
 
@@ -66,38 +138,174 @@ def run(args: argparse.Namespace) -> int:
     from ..registry import create_learner
     from .trainer import PromptTrainer
 
-    clip = load_model(args)
     if args.command == "eval":
-        dataset = (load_split(args, clip, args.split) if (args.split_json or args.data == "procedural")
-                   else _folder(args, clip))
-        learner = (load_pretrained(args.load, clip, classnames=dataset.classnames) if args.load
+        splits = has_splits(args)
+        clip = load_model(args)
+        dataset = load_split(args, clip, args.split or "test") if splits else _folder(args, clip)
+        learner = (load_pretrained(args.load, clip, strict=args.strict, classnames=dataset.classnames) if args.load
                    else create_learner("zeroshot", clip, dataset.classnames))
         metrics = PromptTrainer(learner, TrainConfig(output_dir=None, eval_batch_size=args.batch_size,
                                                      device=str(clip.device))).evaluate(dataset)
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in metrics.items()
                           if k != "per_class"}))
         return 0
-    config = TrainConfig.load(args.config) if args.config else TrainConfig()
-    overrides = parse_overrides(args.overrides)
-    fields = set(config.to_dict())
-    train_keys = {k: v for k, v in overrides.items() if k in fields}
-    method_keys = {k: v for k, v in overrides.items() if k not in fields}
-    config = TrainConfig.from_dict({**config.to_dict(), **train_keys, "seed": args.seed, "output_dir": args.out,
-                                    "device": str(clip.device)})
-    train = load_split(args, clip, "train", shots=args.shots, seed=args.seed)
-    val = load_split(args, clip, "val", shots=min(args.shots, 4), seed=args.seed) if (
-        args.split_json or args.data == "procedural") else None
+    # Every mistake in the settings is reported before the model, the data or --out is touched.
+    if args.data == "procedural" and args.shots is None:
+        raise ValueError("--shots all needs image files; the procedural benchmark renders --shots N per class")
+    old_run = _existing_run(args)
+    file_data = _read_config(args.config) if args.config else {}
+    train_keys, method_keys = _split_overrides(parse_overrides(args.overrides), args.method)
+    if file_data.get("output_dir", args.out) != args.out:
+        warnings.warn(f"--config's output_dir {file_data['output_dir']!r} is replaced by --out {args.out}")
+    seed = args.seed if args.seed is not None else file_data.get("seed", TrainConfig.seed)
+    clip = load_model(args, device=file_data.get("device"))
+    config = TrainConfig.from_dict({**TrainConfig().to_dict(), **file_data, **train_keys, "seed": seed,
+                                    "output_dir": args.out, "device": str(clip.device)})
+    train = load_split(args, clip, "train", shots=args.shots, seed=seed, allow_fewer=args.allow_fewer)
+    val = load_split(args, clip, "val", shots=None if args.shots is None else min(args.shots, 4), seed=seed,
+                     allow_fewer=args.allow_fewer) if has_splits(args) else None
     learner = create_learner(args.method, clip, train.classnames, **method_keys)
+    if args.overwrite:
+        for path in old_run:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     config.save(Path(args.out) / "config.json")
     PromptTrainer(learner, config).fit(train, val, resume=args.resume)
     return 0
 
 
+def _existing_run(args) -> list[Path]:
+    """The files of a run already in --out; refused unless --resume or --overwrite says what to do with them."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file, not a directory")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
+    found = [out / name for name in RUN_FILES if (out / name).exists()]
+    if found and not (args.resume or args.overwrite):
+        raise FileExistsError(f"--out {out} already holds a run ({', '.join(p.name for p in found)}); pass --resume "
+                              f"to continue it or --overwrite to replace it")
+    return found
+
+
+def _read_config(path) -> dict:
+    """A --config file as a dict of TrainConfig fields, each checked against the field's type."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path} does not exist")
+    if path.suffix in (".yaml", ".yml"):
+        yaml = _yaml()
+        try:
+            with open(path) as f:  # a stream: the error names the file, not "<unicode string>"
+                data = yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            raise ValueError(f"--config {path} is not valid YAML ({err})") from err
+    else:
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--config {path} is not valid JSON ({err})") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path} must hold a mapping of TrainConfig keys, not a {type(data).__name__}")
+    hints = typing.get_type_hints(TrainConfig)
+    for key, value in data.items():
+        if key not in hints:
+            raise ValueError(f"--config {path}: unknown key {key!r}{_did_you_mean(key, hints)}; "
+                             f"TrainConfig keys: {', '.join(hints)}")
+        check_value(key, value, hints[key], f"--config {path}")
+    return data
+
+
+def _split_overrides(overrides: dict, method: str) -> tuple[dict, dict]:
+    """key=value overrides as (TrainConfig fields, method keywords), each checked against its type."""
+    from ..registry import METHODS, _load_builtin
+
+    _load_builtin()
+    hints, keywords = typing.get_type_hints(TrainConfig), keyword_types(METHODS.get(method))
+    train, method_keys = {}, {}
+    for key, value in overrides.items():
+        if key in FLAG_FIELDS:
+            raise ValueError(f"{key}={value}: pass {FLAG_FIELDS[key]} {value} instead; {key} is not a key=value "
+                             f"override in the CLI")
+        if key in hints:
+            check_value(key, value, hints[key], "TrainConfig")
+            train[key] = value
+        elif key in keywords:
+            check_value(key, value, keywords[key], method)
+            method_keys[key] = value
+        else:
+            fields = [k for k in hints if k not in FLAG_FIELDS]
+            raise ValueError(f"unknown key {key!r}{_did_you_mean(key, [*fields, *keywords])}; TrainConfig keys: "
+                             f"{', '.join(fields)}; {method} keywords: {', '.join(keywords) or '(none)'}")
+    return train, method_keys
+
+
+def keyword_types(cls) -> dict:
+    """Keyword arguments of `cls(...)` and their types (from annotations, else from the default); keywords
+    a subclass passes on with **kwargs are its base class's."""
+    out = {}
+    for klass in cls.__mro__:
+        parameters = inspect.signature(klass.__init__).parameters
+        try:
+            hints = typing.get_type_hints(klass.__init__)
+        except (NameError, TypeError):  # an annotation that cannot be resolved here: use the defaults
+            hints = {}
+        for name, p in parameters.items():
+            if p.default is not p.empty and name not in out:
+                out[name] = hints.get(name, object if p.default is None else type(p.default))
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+            return out
+    return out
+
+
+def check_value(key: str, value, expected, owner: str) -> None:
+    if not _fits(value, expected):
+        raise ValueError(f"invalid value {json.dumps(value)} for {key} ({owner}): expected {_describe(expected)}")
+
+
+def _fits(value, expected) -> bool:
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in typing.get_args(expected))
+    if origin is typing.Literal:
+        return value in typing.get_args(expected)
+    if origin in (list, tuple, collections.abc.Sequence):
+        return isinstance(value, (list, tuple))  # JSON gives lists; strings are not meant here
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, origin or expected) if isinstance(origin or expected, type) else True
+
+
+def _describe(expected) -> str:
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in typing.get_args(expected))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(json.dumps(arg) for arg in typing.get_args(expected))
+    if origin in (list, tuple, collections.abc.Sequence):
+        return 'a JSON list, e.g. ["a", "b"]'
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
+    return names.get(expected, getattr(expected, "__name__", str(expected)))
+
+
+def _did_you_mean(key: str, choices) -> str:
+    close = difflib.get_close_matches(key, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _folder(args, clip, photos: bool = False):
     from ..data import ImageFolderDataset
 
-    return _classes(args, ImageFolderDataset(args.data, transform=None if photos else clip.preprocess))
+    dataset = ImageFolderDataset(args.data, transform=None if photos else clip.preprocess,
+                                 skip_unreadable=args.skip_unreadable)
+    return _classes(args, dataset)
 
 
 def _classes(args, dataset):

@@ -9,14 +9,14 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from ..training.cli import add_model_and_data_args, load_model, load_split
+from ..training.cli import (_folder, add_load_args, add_model_and_data_args, check_value, has_splits, keyword_types,
+                            load_model, load_split)
 
 
 def configure(parser: argparse.ArgumentParser, command: str) -> None:
     add_model_and_data_args(parser)
     parser.add_argument("--method", default="tpt", help="a registered test-time adapter: tpt, ctpt, zero or tda")
-    parser.add_argument("--load", default=None, help="save_pretrained prompts to start from (default: zero-shot "
-                                                     "CLIP, as a CoOp context 'a photo of a' for TPT/C-TPT)")
+    add_load_args(parser, "zero-shot CLIP, as a CoOp context 'a photo of a' for TPT/C-TPT")
     parser.add_argument("--split", default=None, help="split to adapt on (default: test; 'shifted' for procedural)")
     parser.add_argument("--batch-size", type=int, default=16, help="test images adapted at once")
     parser.add_argument("--limit", type=int, default=None, help="only the first N images (in a seeded order)")
@@ -32,35 +32,36 @@ def run(args: argparse.Namespace) -> int:
     from ..training.config import parse_overrides
     from . import TDA  # noqa: F401  (registers the adapters)
 
+    adapter_cls = ADAPTERS.get(args.method)
+    keywords, overrides = keyword_types(adapter_cls), parse_overrides(args.overrides)
+    for key, value in overrides.items():  # checked before the model loads
+        if key not in keywords:
+            raise ValueError(f"unknown key {key!r}; {args.method} keywords: {', '.join(keywords)}")
+        check_value(key, value, keywords[key], args.method)
+    splits = has_splits(args)
     clip = load_model(args)
     split = args.split or ("shifted" if args.data == "procedural" else "test")
     # Image files reach the adapter as PIL images: as in TPT, crops are cut from the full-resolution photo.
-    if args.data != "procedural" and not args.split_json:
-        from ..training.cli import _folder
-        dataset = _folder(args, clip, photos=True)
-    else:
-        dataset = load_split(args, clip, split, photos=True)
-    adapter_cls = ADAPTERS.get(args.method)
+    dataset = load_split(args, clip, split, photos=True) if splits else _folder(args, clip, photos=True)
     if args.load:
-        learner = load_pretrained(args.load, clip, classnames=dataset.classnames)
+        learner = load_pretrained(args.load, clip, strict=args.strict, classnames=dataset.classnames)
     elif adapter_cls.method in ("tpt", "ctpt"):
         learner = CoOp(clip, dataset.classnames, ctx_init="a photo of a")
     else:
         learner = ZeroShotCLIP(clip, dataset.classnames)
     try:
-        adapter = adapter_cls(learner, **parse_overrides(args.overrides))
-    except TypeError as err:  # a learner TPT cannot tune, or an unknown adapter keyword: a user mistake
+        adapter = adapter_cls(learner, **overrides)
+    except TypeError as err:  # a learner TPT cannot tune: a user mistake
         raise ValueError(f"{args.method}: {err}") from err
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:args.limit].tolist()
     loader = DataLoader(Subset(dataset, order), batch_size=args.batch_size, num_workers=args.workers,
                         collate_fn=_collate)  # decoding overlaps adaptation
     logits, labels, start = [], [], time.time()
-    bar = tqdm(total=len(order), desc=f"{args.method} on {split}", unit="img")
-    for images, targets in loader:
-        logits.append(adapter(images).detach().float().cpu())
-        labels += targets
-        bar.update(len(targets))  # tqdm shows images/s
-    bar.close()
+    with tqdm(total=len(order), desc=f"{args.method} on {split}", unit="img") as bar:  # closed on errors too
+        for images, targets in loader:
+            logits.append(adapter(images).detach().float().cpu())
+            labels += targets
+            bar.update(len(targets))  # tqdm shows images/s
     metrics = classification_metrics(torch.cat(logits), torch.tensor(labels))
     seconds = time.time() - start
     print(json.dumps({"method": args.method, "split": split, "top1": round(metrics["top1"], 2),
