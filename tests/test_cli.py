@@ -54,3 +54,39 @@ def test_tta_on_an_image_folder(tmp_path, capsys):
                      "--workers", "1", *extra]) == 0
         result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert result["method"] == method and result["n"] == 4 and 0 <= result["top1"] <= 100
+
+
+def test_seed_fixes_the_random_prompt_init(tmp_path, capsys):
+    """CoOp's default context is random: two runs with the same --seed must give bitwise-equal prompts."""
+    import torch
+
+    from promptkit.checkpoint import load_tensors
+
+    def run(name, seed):
+        out = tmp_path / name
+        assert main(["train", "--arch", "test-vit", "--data", "procedural", "--classes", "base", "--shots", "1",
+                     "--seed", str(seed), "--out", str(out), "epochs=1", "progress=false"]) == 0
+        return load_tensors(out / "prompts" / "prompt_weights.safetensors")["ctx"]
+
+    a, b, c = run("a", 3), run("b", 3), run("c", 4)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_tta_dataset_selects_the_authors_settings(tmp_path, capsys, monkeypatch):
+    """--dataset imagenet_r: TDA with 64 AugMix views, alpha/beta 1/8 and CLIP's 80 templates (TDA's ImageNet-R run)."""
+    import promptkit.registry
+    import promptkit.tta.tda
+
+    built = {}
+    real_init = promptkit.tta.tda.TDA.__init__
+
+    def spy(self, learner, **kwargs):
+        built.update(kwargs, templates=len(learner.templates))
+        real_init(self, learner, **kwargs)
+
+    monkeypatch.setattr(promptkit.tta.tda.TDA, "__init__", spy)
+    assert main(["tta", "--arch", "test-vit", "--data", "procedural", "--method", "tda", "--dataset", "imagenet_r",
+                 "--limit", "2", "n_views=2"]) == 0
+    assert built == {"pos_alpha": 1.0, "pos_beta": 8.0, "n_views": 2, "augment": "augmix", "templates": 80}
+    assert main(["tta", "--arch", "test-vit", "--data", "procedural", "--dataset", "imagenet-z"]) == 2
+    assert "unknown dataset 'imagenet-z'" in capsys.readouterr().err

@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     train = load_split(args, clip, "train", shots=args.shots, seed=seed, allow_fewer=args.allow_fewer)
     val = load_split(args, clip, "val", shots=None if args.shots is None else min(args.shots, 4), seed=seed,
                      allow_fewer=args.allow_fewer) if has_splits(args) else None
-    learner = create_learner(args.method, clip, train.classnames, **method_keys)
+    learner = create_learner(args.method, clip, train.classnames, seed=seed, **method_keys)  # seeded prompt init
     if args.overwrite:
         for path in old_run:
             if path.is_dir():

@@ -21,6 +21,9 @@ def configure(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="test images adapted at once")
     parser.add_argument("--limit", type=int, default=None, help="only the first N images (in a seeded order)")
     parser.add_argument("--workers", type=int, default=2, help="image decoding processes (0: in the main process)")
+    parser.add_argument("--dataset", default=None,
+                        help="the authors' settings for this dataset (e.g. imagenet, imagenet_a, dtd): views, "
+                             "lambda, caches, classifier templates; default: the adapter's own defaults")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="adapter keywords, e.g. steps=1 n_views=64")
 
 
@@ -28,11 +31,13 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoint import load_pretrained
     from ..learners import CoOp, ZeroShotCLIP
     from ..metrics import classification_metrics
-    from ..registry import ADAPTERS
+    from ..registry import ADAPTERS, create_adapter
     from ..training.config import parse_overrides
     from . import TDA  # noqa: F401  (registers the adapters)
+    from .defaults import adapter_defaults, classifier_templates
 
     adapter_cls = ADAPTERS.get(args.method)
+    adapter_defaults(adapter_cls.method, args.dataset)  # an unknown dataset name fails before the model loads
     keywords, overrides = keyword_types(adapter_cls), parse_overrides(args.overrides)
     for key, value in overrides.items():  # checked before the model loads
         if key not in keywords:
@@ -48,9 +53,9 @@ def run(args: argparse.Namespace) -> int:
     elif adapter_cls.method in ("tpt", "ctpt"):
         learner = CoOp(clip, dataset.classnames, ctx_init="a photo of a")
     else:
-        learner = ZeroShotCLIP(clip, dataset.classnames)
+        learner = ZeroShotCLIP(clip, dataset.classnames, templates=classifier_templates(args.method, args.dataset))
     try:
-        adapter = adapter_cls(learner, **overrides)
+        adapter = create_adapter(args.method, learner, dataset=args.dataset, **overrides)
     except TypeError as err:  # a learner TPT cannot tune: a user mistake
         raise ValueError(f"{args.method}: {err}") from err
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:args.limit].tolist()
