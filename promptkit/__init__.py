@@ -7,7 +7,9 @@ from .clip import FrozenCLIP, load_clip
 from .hooks import Hook, inject
 from .learners import CoOp, LossOutput, PromptLearner, ZeroShotCLIP
 from .metrics import classification_metrics
-from .registry import create_adapter, create_learner, list_adapters, list_methods, register_adapter, register_method
+from .objectives import Objective, TrainOutputs
+from .registry import (create_adapter, create_learner, create_objective, list_adapters, list_methods, list_objectives,
+                       register_adapter, register_method, register_objective)
 from .templates import IMAGENET_TEMPLATES, IMAGENET_TEMPLATES_7, get_templates
 from .training import PromptTrainer, TrainConfig
 from .tta import CTPT, TDA, TPT, Zero
@@ -15,7 +17,8 @@ from .tta import CTPT, TDA, TPT, Zero
 __all__ = [
     "FrozenCLIP", "load_clip",
     "PromptLearner", "LossOutput", "ZeroShotCLIP", "CoOp",
-    "create_learner", "list_methods", "create_adapter", "list_adapters", "register_method", "register_adapter", "load_pretrained",
+    "create_learner", "list_methods", "create_adapter", "list_adapters",
+    "Objective", "TrainOutputs", "create_objective", "list_objectives", "register_objective", "register_method", "register_adapter", "load_pretrained",
     "import_coop_checkpoint",
     "PromptTrainer", "TrainConfig", "classification_metrics",
     "TPT", "CTPT", "Zero", "TDA",

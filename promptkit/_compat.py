@@ -70,7 +70,7 @@ def batch_first(transformer: nn.Module) -> bool:
             seen.append((args[0] if args else kwargs.get("q_x", kwargs.get("x"))).shape)
             raise _Seen
 
-        handle = block.register_forward_pre_hook(stop, with_kwargs=True)
+        handle = block.register_forward_pre_hook(stop, with_kwargs=True, prepend=True)  # before prompt hooks
         try:
             with torch.no_grad():
                 transformer(torch.zeros(2, 3, width, dtype=param.dtype, device=param.device))

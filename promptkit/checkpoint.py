@@ -112,16 +112,28 @@ def load_pretrained(directory, clip, strict: bool = True, classnames: Sequence[s
             f"Load the matching model, or pass strict=False (CLI: --no-strict) if the shapes still fit.")
     hparams = _upgrade(config, clip)
     learner = METHODS.get(config["method"])(clip, list(classnames or config["classnames"]), **hparams)
-    learner.load_prompt_state_dict(load_tensors(directory / WEIGHTS_NAME), strict=strict)
+    state = load_tensors(directory / WEIGHTS_NAME)
+    if str(config.get("promptkit_version", "")).startswith("0.1."):  # PromptSRC's GPA sums moved into its objective
+        own = learner.prompt_state_dict().keys()
+        state = {next((k for k in own if k.endswith("." + key)), key): v for key, v in state.items()}
+    learner.load_prompt_state_dict(state, strict=strict)
     return learner
 
 
+# Keywords renamed since promptkit 0.1 (one name per concept across methods).
+_RENAMED = {"vpt": {"n_tokens": "n_vision", "depth": "vision_depth"}, "ivlp": {"vision_init_std": "init_std"},
+            "cavpt": {"n_vpt": "n_vision", "aux_weight": "weight"}, "prograd": {"lambda_": "weight"}}
+
+
 def _upgrade(config: dict, clip) -> dict:
-    """Keywords of a save made by promptkit 0.1, in today's meaning: there `ctx_init` set the CoOp family's
-    `n_ctx`, and IVLP's depth None meant 9 layers."""
+    """Keywords of a save made by promptkit 0.1, in today's names and meaning: there `ctx_init` set the CoOp
+    family's `n_ctx`, and IVLP's depth None meant 9 layers."""
     hparams = dict(config["hparams"])
     if not str(config.get("promptkit_version", "")).startswith("0.1."):
         return hparams
+    for old, new in _RENAMED.get(config["method"], {}).items():
+        if old in hparams:
+            hparams[new] = hparams.pop(old)
     if hparams.get("ctx_init") and config["method"] in ("coop", "kgcoop", "prograd", "cocoop", "cavpt"):
         hparams["n_ctx"] = None
     if config["method"] == "ivlp":

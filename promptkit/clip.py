@@ -41,6 +41,10 @@ class FrozenCLIP(nn.Module):
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
+        # Read the token layout now, while no prompt hook is on the blocks.
+        _compat.batch_first(model.transformer)
+        if _compat.vision_kind(model) == "vit":
+            _compat.batch_first(model.visual.transformer)
         self.tokenizer = tokenizer or open_clip.tokenizer.SimpleTokenizer(context_length=self.context_length)
         if preprocess is None:
             cfg = getattr(model.visual, "preprocess_cfg", {}) or {}

@@ -7,8 +7,8 @@ from typing import Callable
 class Registry:
     """Name -> class, names lower-case; aliases resolve to the canonical name."""
 
-    def __init__(self, kind: str):
-        self.kind = kind
+    def __init__(self, kind: str, attribute: str = "method"):
+        self.kind, self.attribute = kind, attribute
         self._classes: dict[str, type] = {}
         self._aliases: dict[str, str] = {}
 
@@ -19,7 +19,7 @@ class Registry:
                     raise ValueError(f"{self.kind} name {key!r} must be lower-case and unique")
                 self._aliases[key] = name
             self._classes[name] = cls
-            cls.method = name
+            setattr(cls, self.attribute, name)
             return cls
         return add
 
@@ -35,8 +35,10 @@ class Registry:
 
 METHODS = Registry("method")
 ADAPTERS = Registry("test-time adapter")
+OBJECTIVES = Registry("objective", attribute="name")
 register_method = METHODS.register
 register_adapter = ADAPTERS.register
+register_objective = OBJECTIVES.register
 
 
 def list_methods() -> list[str]:
@@ -49,6 +51,23 @@ def create_learner(name: str, clip, classnames, **kwargs):
     """Builds the learner registered as `name` on `clip` for `classnames`."""
     _load_builtin()
     return METHODS.get(name)(clip, classnames, **kwargs)
+
+
+def list_objectives() -> list[str]:
+    """Names of all registered objectives (loss terms and gradient rules any learner can take)."""
+    _load_builtin()
+    return OBJECTIVES.names()
+
+
+def create_objective(item):
+    """An objective from a name, `(name, {keywords})` or an instance (returned as is)."""
+    _load_builtin()
+    from .objectives import Objective
+
+    if isinstance(item, Objective):
+        return item
+    name, kwargs = (item, {}) if isinstance(item, str) else (item[0], dict(item[1]) if len(item) > 1 else {})
+    return OBJECTIVES.get(name)(**kwargs)
 
 
 def list_adapters() -> list[str]:
@@ -68,4 +87,4 @@ def create_adapter(name: str, learner, dataset: str | None = None, **kwargs):
 
 
 def _load_builtin() -> None:
-    from . import learners, tta  # noqa: F401  (registers the built-in methods and adapters)
+    from . import learners, objectives, tta  # noqa: F401  (registers the built-in methods, objectives, adapters)

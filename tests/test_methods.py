@@ -14,7 +14,7 @@ VISUAL = ["vpt", "ivlp", "maple", "promptsrc", "cavpt"]
 
 
 def test_vpt_without_tokens_is_zero_shot(vit_clip, classnames, images):
-    vpt = VPT(vit_clip, classnames, n_tokens=0, templates=["a photo of a {}.", "itap of a {}."])
+    vpt = VPT(vit_clip, classnames, n_vision=0, templates=["a photo of a {}.", "itap of a {}."])
     zero_shot = promptkit.ZeroShotCLIP(vit_clip, classnames, templates=["a photo of a {}.", "itap of a {}."])
     with torch.no_grad():
         torch.testing.assert_close(vpt(images), zero_shot(images), atol=1e-5, rtol=0)
@@ -70,7 +70,7 @@ def test_deep_prompts_replace_tokens_at_every_layer(vit_clip, classnames, images
 
 
 def test_vpt_shallow_keeps_the_layer_outputs(vit_clip, classnames, images):
-    vpt = VPT(vit_clip, classnames, n_tokens=2, depth=1)
+    vpt = VPT(vit_clip, classnames, n_vision=2, vision_depth=1)
     seen, handles = _record_block_inputs(vit_clip.vision_blocks, vit_clip.vision_batch_first)
     try:
         with torch.no_grad():
@@ -158,7 +158,7 @@ def test_prograd_gradient_is_the_projection(vit_clip, classnames, images, confli
         learner = ProGrad(vit_clip, classnames, n_ctx=4, ctx_init=None, init_std=0.5, seed=seed)
         image_features = learner.encode_image(images)
         logits = learner(image_features=image_features)
-        zero_shot = learner.logits(image_features, learner.zero_shot_text).detach()
+        zero_shot = learner.logits(image_features, learner.objectives[0].zero_shot_text).detach()
         g = torch.autograd.grad(F.cross_entropy(logits, labels), learner.ctx, retain_graph=True)[0]
         k = torch.autograd.grad(F.kl_div(logits.log_softmax(-1), zero_shot.softmax(-1), reduction="batchmean"),
                                 learner.ctx)[0]
@@ -191,9 +191,9 @@ def test_prograd_context_and_templates_are_the_official_ones(vit_clip, classname
     assert torch.equal(learner.ctx[12:], embedding[words])
     dtd = ProGrad(vit_clip, classnames, dataset="dtd")
     assert torch.equal(dtd.ctx[13:], embedding[vit_clip.word_ids("a texture of")])
-    torch.testing.assert_close(dtd.zero_shot_text, vit_clip.zero_shot_text_features(dtd.classnames, ["a texture of {}."]))
+    torch.testing.assert_close(dtd.objectives[0].zero_shot_text, vit_clip.zero_shot_text_features(dtd.classnames, ["a texture of {}."]))
     kg = KgCoOp(vit_clip, classnames, dataset="DescribableTextures")
-    torch.testing.assert_close(kg.handcrafted, vit_clip.zero_shot_text_features(
+    torch.testing.assert_close(kg.objectives[1].handcrafted, vit_clip.zero_shot_text_features(
         kg.classnames, ["a photo of a {}, a type of texture."]))
     zs = promptkit.ZeroShotCLIP(vit_clip, classnames, dataset="dtd")
     torch.testing.assert_close(zs.text_features(), vit_clip.zero_shot_text_features(zs.classnames, ["{} texture."]))
@@ -231,8 +231,9 @@ def test_promptsrc_loss_terms_by_hand(vit_clip, classnames, images):
     text, image = learner.text_features(), learner.encode_image(images)
     frozen_image = vit_clip.encode_image(images)
     logits = learner.logits(image, text)
-    zero_shot = learner.logits(frozen_image, learner.frozen_text)
-    expected = (F.cross_entropy(logits, labels) + 25 * (text - learner.frozen_text).abs().mean()
+    frozen_text = learner.objectives[1].frozen_text
+    zero_shot = learner.logits(frozen_image, frozen_text)
+    expected = (F.cross_entropy(logits, labels) + 25 * (text - frozen_text).abs().mean()
                 + 10 * (image - frozen_image).abs().mean()
                 + (zero_shot.softmax(-1) * (zero_shot.log_softmax(-1) - logits.log_softmax(-1))).sum() / logits.numel())
     torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=0)
@@ -246,9 +247,9 @@ def test_promptsrc_frozen_text_target_is_the_official_formula(vit_clip, classnam
     raw = torch.stack([vit_clip.model.encode_text(vit_clip.tokenize([t.format(c) for t in templates])).mean(0)
                        for c in classnames])
     expected = raw / raw.norm(dim=-1, keepdim=True)
-    torch.testing.assert_close(learner.frozen_text, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(learner.objectives[1].frozen_text, expected, atol=1e-5, rtol=0)
     ensemble = vit_clip.zero_shot_text_features(classnames, templates)  # CLIP's per-template normalisation
-    assert not torch.allclose(learner.frozen_text, ensemble, atol=1e-4)
+    assert not torch.allclose(learner.objectives[1].frozen_text, ensemble, atol=1e-4)
     assert (learner.text_depth, learner.vision_depth) == (2, 3)  # min(9, layers) of the tiny model
 
 
@@ -257,9 +258,9 @@ def test_ivlp_and_vpt_defaults_are_the_quoted_baselines(vit_clip, classnames):
     assert (ivlp.text_depth, ivlp.vision_depth) == (len(vit_clip.text_blocks), len(vit_clip.vision_blocks))
     assert ivlp.ctx.shape[0] == 2 and ivlp.vision.shape[1] == 2
     torch.manual_seed(0)
-    tokens = VPT(vit_clip, classnames, n_tokens=100).prompt_tokens
+    tokens = VPT(vit_clip, classnames, n_vision=100).prompt_tokens
     assert tokens.mean().abs() < 2e-3 and abs(tokens.std().item() - 0.02) < 1e-3  # N(0, 0.02^2)
-    uniform = VPT(vit_clip, classnames, n_tokens=100, init="uniform").prompt_tokens
+    uniform = VPT(vit_clip, classnames, n_vision=100, init="uniform").prompt_tokens
     bound = math.sqrt(6.0 / (3 * 8 * 8 + vit_clip.vision_width))
     assert uniform.abs().max() <= bound and uniform.abs().max() > 0.95 * bound
     maple = MaPLe(vit_clip, classnames)
@@ -278,12 +279,12 @@ def test_promptsrc_gaussian_prompt_aggregation(vit_clip, classnames):
     raw = [math.exp(-((e - 2) ** 2) / 2) for e in range(1, 5)]
     expected = sum(w * v for w, v in zip(raw, values)) / sum(raw)
     torch.testing.assert_close(learner.ctx.detach(), torch.full_like(learner.ctx, expected))
-    assert learner.gpa_weights(4) == pytest.approx([w / sum(raw) for w in raw])
+    assert learner.objectives[2].weights(4) == pytest.approx([w / sum(raw) for w in raw])
 
 
 def test_cavpt_without_visual_parts_is_coop(vit_clip, classnames, images):
     torch.manual_seed(0)
-    cavpt = promptkit.create_learner("cavpt", vit_clip, classnames, n_ctx=4, n_vpt=0, class_aware_layers=0,
+    cavpt = promptkit.create_learner("cavpt", vit_clip, classnames, n_ctx=4, n_vision=0, class_aware_layers=0,
                                      first_stage_epochs=0)
     coop = promptkit.CoOp(vit_clip, classnames, n_ctx=4)
     with torch.no_grad():
@@ -292,7 +293,7 @@ def test_cavpt_without_visual_parts_is_coop(vit_clip, classnames, images):
 
 
 def test_cavpt_reads_unnormalised_text_and_has_the_first_stage_loss(vit_clip, classnames, images):
-    cavpt = promptkit.create_learner("cavpt", vit_clip, classnames, n_ctx=4, n_vpt=2, top_k=3, seed=0)
+    cavpt = promptkit.create_learner("cavpt", vit_clip, classnames, n_ctx=4, n_vision=2, top_k=3, seed=0)
     raw = cavpt._raw_text()
     assert not torch.allclose(raw.norm(dim=-1), torch.ones(len(classnames)), atol=1e-2)
     seen = []
@@ -324,7 +325,7 @@ def test_cavpt_reads_unnormalised_text_and_has_the_first_stage_loss(vit_clip, cl
 
 def test_cavpt_class_aware_prompts_and_aux_loss(vit_clip, classnames, images):
     torch.manual_seed(0)
-    cavpt = promptkit.create_learner("cavpt", vit_clip, classnames, n_ctx=4, n_vpt=2, class_aware_layers=2,
+    cavpt = promptkit.create_learner("cavpt", vit_clip, classnames, n_ctx=4, n_vision=2, class_aware_layers=2,
                                      top_k=len(classnames))
     seen, handles = _record_block_inputs(vit_clip.vision_blocks, vit_clip.vision_batch_first)
     try:

@@ -1,5 +1,7 @@
 """Every registered method, the same checks. New methods join automatically via `list_methods()`;
 per-method constructor keywords that keep the matrix fast live in SMALL."""
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,7 +9,7 @@ import torch.nn.functional as F
 import promptkit
 from conftest import assert_unchanged, snapshot
 
-SMALL = {"coop": dict(n_ctx=4), "prograd": dict(n_ctx=4), "vpt": dict(n_tokens=4), "cavpt": dict(n_ctx=4, n_vpt=2, class_aware_layers=2, top_k=3),
+SMALL = {"coop": dict(n_ctx=4), "prograd": dict(n_ctx=4), "vpt": dict(n_vision=4), "cavpt": dict(n_ctx=4, n_vision=2, class_aware_layers=2, top_k=3),
          "promptsrc": dict(templates=["a photo of a {}.", "itap of a {}."])}
 
 
@@ -58,3 +60,70 @@ def test_method_learns_a_toy(name, vit_clip, classnames):
         loss.backward()
         optimizer.step()
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+# Every keyword of every method at a non-default value. A new keyword must be added here (the test checks it).
+NON_DEFAULT = {
+    "zeroshot": dict(templates=["itap of a {}."], dataset="dtd"),
+    "coop": dict(n_ctx=3, ctx_init="a photo", class_specific=True, class_token_position="front", init_std=0.5),
+    "cocoop": dict(n_ctx=3, ctx_init=None, init_std=0.5, text_batch=2),
+    "kgcoop": dict(n_ctx=5, ctx_init="a photo", class_specific=True, class_token_position="middle", init_std=0.5,
+                   weight=2.0, dataset="dtd", templates=["itap of a {}."]),
+    "prograd": dict(n_ctx=6, ctx_init="a photo", class_specific=True, class_token_position="front", init_std=0.5,
+                    weight=0.5, temperature=2.0, dataset="dtd", templates=["itap of a {}."]),
+    "vpt": dict(n_vision=3, vision_depth=2, templates=["itap of a {}."], init="uniform", init_std=0.5),
+    "ivlp": dict(n_ctx=3, n_vision=3, ctx_init=None, text_depth=1, vision_depth=2, init_std=0.5),
+    "maple": dict(n_ctx=3, ctx_init=None, depth=1),
+    "promptsrc": dict(n_ctx=3, n_vision=3, ctx_init=None, text_depth=1, vision_depth=2, text_weight=2.0,
+                      image_weight=3.0, gpa_mean=2.0, gpa_std=2.0, templates=["itap of a {}."]),
+    "cavpt": dict(n_ctx=5, ctx_init="a photo", class_specific=True, class_token_position="middle", init_std=0.5,
+                  n_vision=3, class_aware_layers=2, top_k=3, n_kv=4, attn_dim=8, weight=1.0, first_stage_epochs=3,
+                  dataset="dtd", templates=["itap of a {}."]),
+}
+
+
+@pytest.mark.parametrize("name", promptkit.list_methods())
+def test_every_keyword_survives_save_and_load(name, vit_clip, classnames, images, tmp_path):
+    import inspect
+
+    cls = promptkit.registry.METHODS.get(name)
+    parameters = {k: p for k, p in inspect.signature(cls.__init__).parameters.items()
+                  if k not in ("self", "clip", "classnames")}
+    assert set(NON_DEFAULT[name]) == set(parameters), "add the new keyword to NON_DEFAULT"
+    assert all(NON_DEFAULT[name][k] != p.default for k, p in parameters.items())
+    learner = promptkit.create_learner(name, vit_clip, classnames, seed=0, **NON_DEFAULT[name])
+    learner.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "prompt_config.json").read_text())["hparams"]
+    assert saved == NON_DEFAULT[name]
+    loaded = promptkit.load_pretrained(tmp_path, vit_clip)
+    assert loaded.hparams == learner.hparams
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), learner(images), atol=0, rtol=0)
+
+
+def test_subclasses_record_their_keywords_or_are_refused(vit_clip, classnames, images, tmp_path):
+    class Tuned(promptkit.CoOp):  # no __init__ of its own: CoOp's keywords are recorded
+        pass
+
+    learner = Tuned(vit_clip, classnames, n_ctx=3, class_token_position="front")
+    assert learner.hparams["class_token_position"] == "front" and learner.hparams["n_ctx"] == 3
+    learner.save_pretrained(tmp_path)
+    assert promptkit.load_pretrained(tmp_path, vit_clip).hparams == learner.hparams
+    with pytest.raises(TypeError, match=r"takes \*\*kwargs: spell out every keyword"):
+        class Loose(promptkit.CoOp):
+            def __init__(self, clip, classnames, weight=1.0, **kwargs):
+                super().__init__(clip, classnames, **kwargs)
+
+
+@pytest.mark.parametrize("name, old, new", [
+    ("vpt", dict(n_tokens=2, depth=1), dict(n_vision=2, vision_depth=1)),
+    ("ivlp", dict(vision_init_std=0.1), dict(init_std=0.1)),
+    ("cavpt", dict(n_vpt=2, aux_weight=0.5), dict(n_vision=2, weight=0.5)),
+    ("prograd", dict(lambda_=0.5), dict(weight=0.5)),
+])
+def test_renamed_keywords_still_work_with_a_warning(name, old, new, vit_clip, classnames):
+    with pytest.warns(DeprecationWarning, match="is now"):
+        a = promptkit.create_learner(name, vit_clip, classnames, seed=0, **old)
+    b = promptkit.create_learner(name, vit_clip, classnames, seed=0, **new)
+    assert a.hparams == b.hparams
+    assert all(torch.equal(a.prompt_state_dict()[k], v) for k, v in b.prompt_state_dict().items())

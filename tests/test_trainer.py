@@ -206,15 +206,18 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["coop", "prograd"])
-def test_two_processes_equal_one(tmp_path, method):
+@pytest.mark.parametrize("method, objectives", [("coop", []), ("prograd", []), ("coop", ["--objectives", "flyp"])])
+def test_two_processes_equal_one(tmp_path, method, objectives):
     """Ranks start from different random prompts (seeded by rank): the trainer broadcasts rank 0's, so both
     ranks end identical and equal to one process. ProGrad's projection is applied to the all-reduced
-    gradients, and with 2 accumulation steps to the accumulated ones."""
-    one = _run([str(SCRIPT), str(tmp_path / "one"), "2", "--method", method])
-    accum = _run([str(SCRIPT), str(tmp_path / "accum"), "2", "--method", method, "--accum", "2"])
-    two = _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", f"{29517 + len(method)}",
-                str(SCRIPT), str(tmp_path / "two"), "2", "--method", method])
+    gradients, and with 2 accumulation steps to the accumulated ones; FLYP's contrastive loss gathers the
+    features of both ranks with their gradients."""
+    args = ["2", "--method", method, *objectives]
+    one = _run([str(SCRIPT), str(tmp_path / "one"), *args])
+    accum = _run([str(SCRIPT), str(tmp_path / "accum"), *args, "--accum", "2" if not objectives else "1"])
+    port = 29517 + len(method) + 10 * len(objectives)
+    two = _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                str(SCRIPT), str(tmp_path / "two"), *args])
     for process in (one, accum, two):
         output = process.communicate()[0].decode()
         assert process.returncode == 0, output

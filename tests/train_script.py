@@ -22,13 +22,15 @@ def main():
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--method", default="coop")
     parser.add_argument("--accum", type=int, default=1)
+    parser.add_argument("--objectives", nargs="*", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
     rank = int(os.environ.get("RANK", "0"))
     clip = promptkit.load_clip("test-vit")
     train = ProceduralBenchmark().split("train", shots=4, classes="base")
     torch.manual_seed(rank)
-    learner = promptkit.create_learner(args.method, clip, train.classnames, n_ctx=4, ctx_init=None)
+    learner = promptkit.create_learner(args.method, clip, train.classnames, n_ctx=4, ctx_init=None,
+                                       objectives=args.objectives)
     learner.on_epoch_end = lambda epoch, epochs: time.sleep(args.sleep)
     config = promptkit.TrainConfig(epochs=args.epochs, batch_size=16, lr=0.05, output_dir=args.out, progress=False,
                                    cache_image_features=False, grad_accum_steps=args.accum)

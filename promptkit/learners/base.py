@@ -1,16 +1,15 @@
 """PromptLearner: what every method is, and the one interface the trainer and adapters use."""
 from __future__ import annotations
 
-import functools
-import inspect
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
+from .._keywords import record_keywords
 from ..clip import FrozenCLIP
+from ..objectives import TrainOutputs
 
 
 @dataclass
@@ -34,16 +33,19 @@ class LossOutput:
 class PromptLearner(nn.Module):
     """Base of every method. A learner owns its prompt tensors and reads a shared `FrozenCLIP`.
 
-    Subclasses override `text_features` (text side) and/or `encode_image` (image side), and for
-    extra loss terms `training_loss`. Set `image_prompted = True` when the image path carries
-    prompts: the trainer then never caches image features for it.
+    Subclasses override `text_features` (text side) and/or `encode_image` (image side); losses are
+    objectives (`promptkit.objectives`) that read the learner's `training_outputs`. Set
+    `image_prompted = True` when the image path carries prompts: the trainer then never caches image
+    features for it.
 
-    Every constructor keyword is recorded in `hparams`, so `save_pretrained` / `load_pretrained`
-    rebuild the method without further code.
-
-    Every learner also takes `seed=`: the random initialisation of its prompts (and of any layers it
-    owns) is then drawn from that seed, leaving the caller's random state untouched; without it, from the
-    global generator. The seed is kept in `init_seed`.
+    Every constructor keyword is recorded in `hparams` (a subclass must spell its keywords out: no
+    `**kwargs`), so `save_pretrained` / `load_pretrained` rebuild the method without further code.
+    Every learner also takes:
+        seed: the random initialisation of its prompts (and of any layers it owns) is drawn from this
+            seed, leaving the caller's random state untouched (kept in `init_seed`); without it, from the
+            global generator.
+        objectives: replaces the method's objectives: names, `(name, {keywords})` or `Objective`
+            instances, e.g. `["ce", ("kgcoop", {"weight": 8.0})]`; saved and rebuilt with the learner.
     """
 
     method: str = ""
@@ -51,26 +53,7 @@ class PromptLearner(nn.Module):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if "__init__" not in cls.__dict__:
-            return
-        init, signature = cls.__init__, inspect.signature(cls.__init__)
-
-        @functools.wraps(init)
-        def recording_init(self, *args, seed: int | None = None, **kw):
-            if seed is not None:
-                with torch.random.fork_rng(devices=_cuda_devices()):
-                    torch.manual_seed(seed)
-                    recording_init(self, *args, **kw)
-                self.init_seed = seed
-                return
-            init(self, *args, **kw)
-            if type(self) is cls:  # the most-derived constructor records the keywords
-                bound = signature.bind(self, *args, **kw)
-                bound.apply_defaults()
-                self.hparams = {k: _jsonable(v) for k, v in list(bound.arguments.items())[3:]
-                                if signature.parameters[k].kind is not inspect.Parameter.VAR_KEYWORD}
-
-        cls.__init__ = recording_init
+        record_keywords(cls, "hparams", extra=_construct)
 
     def __init__(self, clip: FrozenCLIP, classnames: Sequence[str]):
         super().__init__()
@@ -81,6 +64,21 @@ class PromptLearner(nn.Module):
         self.classnames = check_classnames(classnames)
         self.hparams: dict = {}
         self.init_seed: int | None = None
+        self.objectives = nn.ModuleList()
+
+    def set_objectives(self, items) -> None:
+        """Builds and attaches the objectives (names, `(name, {keywords})` or instances)."""
+        from ..registry import create_objective
+
+        objectives = [create_objective(item) for item in items]
+        if not objectives:
+            raise ValueError("a learner needs at least one objective, e.g. ['ce']")
+        rules = [o.name for o in objectives if o.gradient_rule]
+        if len(rules) > 1:
+            raise ValueError(f"at most one gradient rule per learner, got {rules}")
+        for objective in objectives:
+            objective.attach(self)
+        self.objectives = nn.ModuleList(objectives).to(self.clip.device)
 
     @property
     def n_classes(self) -> int:
@@ -133,25 +131,57 @@ class PromptLearner(nn.Module):
         return self.logits(image_features, text_features)
 
     # -- training interface --------------------------------------------------------------------
-    def training_loss(self, labels: torch.Tensor, images: torch.Tensor | None = None, *,
+    def training_outputs(self, images: torch.Tensor | None = None, *,
+                         image_features: torch.Tensor | None = None) -> TrainOutputs:
+        """What the objectives read for a batch: logits, image and class text features (`image_features`
+        is given instead of `images` when the trainer serves cached features, never for `image_prompted`
+        learners)."""
+        if image_features is None:
+            image_features = self.encode_image(images)
+        text = self.text_features()
+        return TrainOutputs(self, self.logits(image_features, text), image_features, text, images)
+
+    def training_loss(self, labels, images: torch.Tensor | None = None, *,
                       image_features: torch.Tensor | None = None) -> LossOutput:
-        """The loss the trainer minimises. Default: cross-entropy. Regularised methods override
-        this one method (and only this) to add their terms; `image_features` is given instead of
-        `images` when the trainer serves cached features (never for `image_prompted` learners)."""
-        logits = self(images, image_features=image_features)
-        ce = F.cross_entropy(logits.float(), labels)
-        return LossOutput(ce, logits, {"ce": ce.detach()})
+        """The sum of the objectives' terms on one batch, every term kept for the log."""
+        out = self.training_outputs(images, image_features=image_features)
+        terms, rule_terms, additive = {}, None, []
+        for objective in self.objectives:
+            produced = objective(out, labels)
+            clash = terms.keys() & produced.keys()
+            if clash:
+                raise ValueError(f"objectives name the same loss term {sorted(clash)}; give each its own")
+            terms.update(produced)
+            if objective.gradient_rule:
+                rule_terms = produced
+            elif produced:
+                additive.append(sum(produced.values()))
+        logged = {k: v.detach() for k, v in terms.items()}
+        if rule_terms is None:
+            return LossOutput(sum(additive), out.logits, logged)
+        rule = next(o for o in self.objectives if o.gradient_rule)
+        gradient_terms = dict(rule_terms, **({"_additive": sum(additive)} if additive else {}))
+        loss = rule_terms[rule.primary] + sum(t.detach() for t in additive)
+        return LossOutput(loss, out.logits.detach(), logged, gradient_terms=gradient_terms)
 
     def combine_gradients(self, grads: dict[str, list[torch.Tensor]]) -> list[torch.Tensor]:
-        """The gradient of each prompt parameter from the whole batch's gradients of each of the
-        `gradient_terms` (same order as `prompt_parameters()`). Only for learners that return them."""
-        raise NotImplementedError(f"{type(self).__name__} returned gradient_terms but does not combine them")
+        """The gradient of each prompt parameter (order of `prompt_parameters()`) from the whole batch's
+        gradients of the `gradient_terms`: the gradient rule's combination, plus the additive objectives'."""
+        rule = next(o for o in self.objectives if o.gradient_rule)
+        combined = rule.combine_gradients(grads)
+        if "_additive" in grads:
+            combined = [g + a for g, a in zip(combined, grads["_additive"])]
+        return combined
 
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
         """Called by the trainer before each epoch (0-based `epoch`), also the first one after a resume."""
+        for objective in self.objectives:
+            objective.on_epoch_start(self, epoch, epochs)
 
     def on_epoch_end(self, epoch: int, epochs: int) -> None:
         """Called by the trainer after each epoch (1-based `epoch`); e.g. prompt averaging."""
+        for objective in self.objectives:
+            objective.on_epoch_end(self, epoch, epochs)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save_pretrained(self, directory) -> None:
@@ -162,6 +192,23 @@ class PromptLearner(nn.Module):
 
     def extra_repr(self) -> str:
         return f"method={self.method!r}, classes={self.n_classes}, hparams={self.hparams}"
+
+
+def _construct(self, init, args, kw):
+    """Runs a learner's constructor with the keywords every learner takes: `seed` and `objectives`."""
+    seed, objectives = kw.pop("seed", None), kw.pop("objectives", None)
+    if seed is None:
+        init(*args, **kw)
+    else:
+        with torch.random.fork_rng(devices=_cuda_devices()):
+            torch.manual_seed(seed)
+            init(*args, **kw)
+        self.init_seed = seed
+    if objectives is not None:
+        self.set_objectives(objectives)
+        self.hparams["objectives"] = [o.spec() for o in self.objectives]
+    elif not len(self.objectives):
+        self.set_objectives(["ce"])
 
 
 def _cuda_devices() -> list[int]:
@@ -194,14 +241,3 @@ def check_classnames(classnames) -> list[str]:
     return names
 
 
-def _jsonable(value):
-    if isinstance(value, tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise TypeError(f"learner keyword value {value!r} cannot be saved in prompt_config.json; "
-                    f"pass plain numbers, strings or lists")

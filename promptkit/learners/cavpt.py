@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._keywords import renamed
 from ..hooks import Hook
 from ..registry import register_method
 from ..templates import dataset_template
-from .base import LossOutput
+from ..objectives import TrainOutputs
 from .coop import CoOp
 
 
@@ -43,39 +44,34 @@ class ClassAwarePrompts(nn.Module):
 class CAVPT(CoOp):
     """CoOp text context + deep VPT tokens in the lower vision layers + class-aware visual prompts in the
     top `class_aware_layers` layers, built from the learned text features of the `top_k` classes that
-    frozen zero-shot CLIP ranks highest for the image.
+    frozen zero-shot CLIP ranks highest for the image. Trained with the `dpt` objective (the authors' loss:
+    a first stage of `first_stage_epochs` epochs guided by frozen CLIP on both sides, then CE; always +
+    `weight` x the class-aware classifiers' CE; see `promptkit.objectives.regularisers.DPTLoss`).
 
-    Loss, as the authors' code (fanrena/DPT, `trainers/DPT.py`): during the first `first_stage_epochs`
-    epochs (their script: 30 of 60) CE(frozen image features vs learned text) + CE(prompted image features
-    vs hand-crafted text) + 0.1 x CE(full model), then CE(full model); always plus `aux_weight` x CE of the
-    per-layer class-aware classifiers on the prompt of the true class when it is among the top K (a batch
-    without such a prompt adds nothing; the official code gives NaN there). The trainer tells the learner
-    the epoch (`on_epoch_start`); a loop of your own should call it too.
-
-    As the authors' code: the class-aware layers read the *unnormalised* learned text features; prompt
-    tokens are added after `ln_pre`, fresh at every layer and dropped after it; keys/values are the layer's
-    image tokens (detached) plus 10 learnable tokens; query/key maps to 32 dims. Defaults are their
+    As the authors' code (fanrena/DPT): the class-aware layers read the *unnormalised* learned text features;
+    prompt tokens are added after `ln_pre`, fresh at every layer and dropped after it; keys/values are the
+    layer's image tokens (detached) plus 10 learnable tokens; query/key maps to 32 dims. Defaults are their
     script's: 16 context tokens, 10 VPT tokens, class-aware prompts in the last layer only, K = 10,
-    auxiliary weight 0.3, the dataset's CoOp template for the zero-shot ranking (`dataset`).
+    auxiliary weight 0.3 (was `aux_weight`), the dataset's CoOp template for the zero-shot ranking (`dataset`).
     """
 
     image_prompted = True
 
+    @renamed(n_vpt="n_vision", aux_weight="weight")
     def __init__(self, clip, classnames: Sequence[str], n_ctx: int | None = 16, ctx_init: str | None = None,
                  class_specific: bool = False, class_token_position: str = "end", init_std: float = 0.02,
-                 n_vpt: int = 10, class_aware_layers: int = 1, top_k: int = 10, n_kv: int = 10,
-                 attn_dim: int = 32, aux_weight: float = 0.3, first_stage_epochs: int = 30,
+                 n_vision: int = 10, class_aware_layers: int = 1, top_k: int = 10, n_kv: int = 10,
+                 attn_dim: int = 32, weight: float = 0.3, first_stage_epochs: int = 30,
                  dataset: str | None = None, templates: Sequence[str] | None = None):
         clip.require_vit("CAVPT")
         super().__init__(clip, classnames, n_ctx, ctx_init, class_specific, class_token_position, init_std)
         layers = len(clip.vision_blocks)
         if not 0 <= class_aware_layers <= layers:
             raise ValueError(f"class_aware_layers must be in [0, {layers}], got {class_aware_layers}")
-        self.top_k, self.aux_weight, self.first_stage_epochs = min(top_k, self.n_classes), aux_weight, first_stage_epochs
-        self.epoch = 0
+        self.top_k = min(top_k, self.n_classes)
         device = self.ctx.device
-        self.vpt = nn.Parameter(torch.randn(layers - class_aware_layers if n_vpt else 0, n_vpt, clip.vision_width,
-                                            device=device) * 0.02)
+        self.vpt = nn.Parameter(torch.randn(layers - class_aware_layers if n_vision else 0, n_vision,
+                                            clip.vision_width, device=device) * 0.02)
         self.class_aware = nn.ModuleList(
             ClassAwarePrompts(clip.embed_dim, clip.vision_width, self.n_classes, n_kv, attn_dim)
             for _ in range(class_aware_layers)).to(device)
@@ -83,9 +79,7 @@ class CAVPT(CoOp):
         self.register_buffer("zero_shot_text", clip.zero_shot_text_features(self.classnames, list(templates)),
                              persistent=False)
         self._eval_text = None  # (normalised, raw) text features of the last `text_features()` without grad
-
-    def on_epoch_start(self, epoch: int, epochs: int) -> None:
-        self.epoch = epoch
+        self.set_objectives([("dpt", dict(weight=weight, first_stage_epochs=first_stage_epochs))])
 
     def _raw_text(self) -> torch.Tensor:
         return self.clip.encode_text(self.tokens, normalize=False, hooks=self.text_hooks())
@@ -145,25 +139,9 @@ class CAVPT(CoOp):
             image_features = self._encode(images, raw)[0]
         return self.logits(image_features, text_features)
 
-    def training_loss(self, labels, images=None, *, image_features=None) -> LossOutput:
+    def training_outputs(self, images=None, *, image_features=None) -> TrainOutputs:
         raw = self._raw_text()
         text = F.normalize(raw, dim=-1)
         features, layer_logits, top, frozen = self._encode(images, raw)
-        logits = self.logits(features, text)
-        ce = F.cross_entropy(logits.float(), labels)
-        terms = {"ce": ce.detach()}
-        loss = ce
-        if self.epoch < self.first_stage_epochs:  # general-knowledge guidance, both branches against CLIP
-            text_branch = F.cross_entropy(self.logits(frozen, text).float(), labels)
-            image_branch = F.cross_entropy(self.logits(features, self.zero_shot_text).float(), labels)
-            loss = text_branch + image_branch + 0.1 * ce
-            terms.update(text_branch=text_branch.detach(), image_branch=image_branch.detach())
-        if layer_logits is not None:
-            hit = (top == labels[:, None])                                           # [B, K]
-            chosen = layer_logits.permute(0, 2, 1, 3)[hit]                            # [hits, layers, C]
-            if len(chosen):
-                target = labels[:, None].expand_as(top)[hit].repeat_interleave(chosen.shape[1])
-                aux = F.cross_entropy(chosen.flatten(0, 1).float(), target)
-                loss = loss + self.aux_weight * aux
-                terms["aux"] = aux.detach()
-        return LossOutput(loss, logits, terms)
+        extras = {"class_aware_logits": layer_logits, "top": top, "handcrafted_text": self.zero_shot_text}
+        return TrainOutputs(self, self.logits(features, text), features, text, images, extras, frozen)

@@ -6,6 +6,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..objectives import TrainOutputs
 from ..registry import register_method
 from .coop import CoOp, context_hook
 
@@ -48,6 +49,11 @@ class CoCoOp(CoOp):
         rows = ctx.repeat_interleave(n_classes, dim=0)                                    # [B*C, n_ctx, W]
         hook = context_hook(self.clip, rows, self.ctx_pos.repeat(b, 1))
         return self.clip.encode_text(self.tokens.repeat(b, 1), hooks=[hook]).view(b, n_classes, -1)
+
+    def training_outputs(self, images=None, *, image_features=None) -> TrainOutputs:
+        if image_features is None:
+            image_features = self.encode_image(images)
+        return TrainOutputs(self, self(image_features=image_features), image_features, None, images)
 
     def forward(self, images=None, *, image_features=None, text_features=None) -> torch.Tensor:
         """Logits [B, C] against each image's own prompts (`text_features` is not used)."""

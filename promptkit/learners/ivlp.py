@@ -7,6 +7,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .._keywords import renamed
 from ..registry import register_method
 from .base import PromptLearner
 from .coop import build_prompts, context_hook
@@ -71,18 +72,19 @@ class IVLP(DeepPrompts):
         ctx_init: words the text prompt starts from (its first n_ctx tokens are learned).
         text_depth, vision_depth: layers with prompts (0: none; text depth 0 keeps only the layer-0 context;
             None: every layer).
-        vision_init_std: std of the vision prompts' Gaussian init.
+        init_std: std of the vision prompts' Gaussian init (was `vision_init_std`).
     """
 
+    @renamed(vision_init_std="init_std")
     def __init__(self, clip, classnames: Sequence[str], n_ctx: int = 2, n_vision: int = 2,
                  ctx_init: str | None = "a photo of a", text_depth: int | None = None,
-                 vision_depth: int | None = None, vision_init_std: float = 0.02):
+                 vision_depth: int | None = None, init_std: float = 0.02):
         clip.require_vit(type(self).__name__)
         text_depth = len(clip.text_blocks) if text_depth is None else text_depth
         vision_depth = len(clip.vision_blocks) if vision_depth is None else vision_depth
         super().__init__(clip, classnames, n_ctx, ctx_init, text_depth, vision_depth)
         self.vision = nn.Parameter(torch.randn(self.vision_depth, n_vision, clip.vision_width,
-                                               device=self.ctx.device) * vision_init_std)
+                                               device=self.ctx.device) * init_std)
 
     def vision_prompts(self) -> list[torch.Tensor]:
         return list(self.vision) if self.vision.shape[1] else []

@@ -49,6 +49,16 @@ def broadcast(tensors) -> None:
             dist.broadcast(t, src=0)
 
 
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenates equally-shaped tensors from all ranks (rank order), differentiable: gradients flow back to
+    the rank that computed each part (as open_clip's `gather_with_grad`)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return tensor
+    import torch.distributed.nn.functional as dist_fn
+
+    return torch.cat(dist_fn.all_gather(tensor))
+
+
 def gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenates equally-shaped-except-dim-0 tensors from all ranks (rank order)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..checkpoint import WEIGHTS_NAME, load_json, load_tensors, save_json, save_tensors
+from ..checkpoint import WEIGHTS_NAME, atomic_write, load_json, load_tensors, save_json, save_tensors
 from ..metrics import classification_metrics
 from . import distributed
 from .config import TrainConfig
@@ -27,6 +27,13 @@ RESUMABLE = {"epochs", "eval_every", "checkpoint_every", "log_every", "progress"
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+def _write_csv(path, columns, rows) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def data_fingerprint(dataset, labels: torch.Tensor) -> dict:
@@ -116,6 +123,7 @@ class PromptTrainer:
             bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                        disable=not (cfg.progress and distributed.is_main()))
             seen, correct, loss_sum, tic = 0, torch.zeros(()), torch.zeros(()), time.time()
+            term_sums: dict[str, torch.Tensor] = {}  # every objective's term, summed over this rank's images
             local_batches = [order[i * batch:(i + 1) * batch].view(self.world, -1)[self.rank]
                              for i in range(steps_per_epoch)]
             # Without the cache, images come through a DataLoader (num_workers) in this rank's batch order.
@@ -123,10 +131,13 @@ class PromptTrainer:
             for i in bar:
                 local = local_batches[i]
                 images = None if loader is None else next(loader)[0]
-                loss, n_correct = self._step(optimizer, scaler, params, local, labels, features, images, epoch, step)
+                loss, n_correct, terms = self._step(optimizer, scaler, params, local, labels, features, images,
+                                                    epoch, step)
                 step += 1
                 seen += batch
                 loss_sum += loss.detach().cpu() * len(local)
+                for name, value in terms.items():
+                    term_sums[name] = term_sums.get(name, 0) + value * len(local)
                 correct += n_correct.cpu()
                 if cfg.log_every and step % cfg.log_every == 0:
                     bar.set_postfix(loss=f"{loss.item():.4f}", acc=f"{100 * correct.item() / max(seen // self.world, 1):.1f}",
@@ -135,6 +146,7 @@ class PromptTrainer:
             local_seen = max(seen // self.world, 1)
             metrics = {"epoch": epoch + 1, "step": step, "lr": self.lr_at(epoch),
                        "train_loss": loss_sum.item() / local_seen, "train_top1": 100 * correct.item() / local_seen,
+                       **{f"train_{name}": float(value) / local_seen for name, value in term_sums.items()},
                        "images_per_s": seen / max(time.time() - tic, 1e-9)}
             last = epoch + 1 == cfg.epochs
             if val_dataset is not None and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
@@ -196,6 +208,7 @@ class PromptTrainer:
         optimizer.zero_grad(set_to_none=True)
         total, n_correct = torch.zeros((), device=self.device), torch.zeros((), dtype=torch.long, device=self.device)
         term_grads: dict[str, list[torch.Tensor]] = {}  # whole-batch gradients of `gradient_terms`, per term
+        terms: dict[str, torch.Tensor] = {}  # the objectives' terms, averaged over micro-batches (for the log)
         image_chunks = None if images is None else images.chunk(cfg.grad_accum_steps)
         for j, micro in enumerate(local.chunk(cfg.grad_accum_steps)):
             y = labels[micro].to(self.device)
@@ -217,11 +230,13 @@ class PromptTrainer:
                 scaler.scale(loss).backward()
             total += loss.detach()
             n_correct += (out.logits.detach().argmax(-1) == y).sum()
+            for name, value in out.terms.items():
+                terms[name] = terms.get(name, 0) + value.detach().float() / cfg.grad_accum_steps
         if not torch.isfinite(total):  # one host sync per step: a bad update must never be applied
             if cfg.nan_policy == "skip":
                 warnings.warn(f"non-finite loss {total.item()} at step {step + 1} (epoch {epoch + 1}): step skipped")
                 optimizer.zero_grad(set_to_none=True)
-                return total, n_correct
+                return total, n_correct, terms
             raise NonFiniteLossError(
                 f"loss is {total.item()} at step {step + 1} (epoch {epoch + 1}); the last good checkpoint in "
                 f"{self.out / CHECKPOINT if self.out else '(no output_dir)'} is kept. The images were finite (they are "
@@ -238,7 +253,7 @@ class PromptTrainer:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         scaler.step(optimizer)
         scaler.update()
-        return total, n_correct
+        return total, n_correct, terms
 
     def _optimizer(self, params):
         cfg = self.config
@@ -378,12 +393,17 @@ class PromptTrainer:
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
         path = self.out / "metrics.csv"
-        new = not path.exists()
-        with open(path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(metrics), extrasaction="ignore")
-            if new:
-                writer.writeheader()
-            writer.writerow(metrics)
+        rows = []
+        if path.exists():
+            with open(path, newline="") as f:
+                rows = list(csv.DictReader(f))
+        columns = list(rows[0]) if rows else []
+        if set(metrics) - set(columns):  # a new column (a loss term, validation): rewrite with the union
+            columns += [k for k in metrics if k not in columns]
+            atomic_write(path, lambda tmp: _write_csv(tmp, columns, rows + [metrics]))
+        else:
+            with open(path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=columns).writerow(metrics)
         writer = self._tensorboard()
         if writer is not None:
             for k, v in metrics.items():
