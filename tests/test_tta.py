@@ -111,7 +111,7 @@ def test_zero_majority_vote_by_hand(vit_clip, classnames):
             return table[: len(images)]
     table = torch.tensor([[9.0, 0, 0, 0, 0, 0], [0, 8, 0, 0, 0, 0], [0, 7.5, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0],
                           [0, 0, 0, 0, 0, 0]])
-    zero = promptkit.Zero(Fixed(vit_clip, classnames), keep=0.6, n_views=5)
+    zero = promptkit.Zero(Fixed(vit_clip, classnames), selection=0.6, n_views=5)
     logits = zero.adapt_views(torch.zeros(1, 5, 3, 32, 32))
     # The 3 most confident views vote 0, 1, 1: class 1 wins with 2/3 of the votes.
     assert logits.argmax().item() == 1
@@ -229,7 +229,7 @@ def test_ctpt_default_lambda_follows_the_label_set(vit_clip, classnames):
 
 
 def test_zero_breaks_ties_with_the_next_confident_view(vit_clip, classnames):
-    zero = promptkit.Zero(promptkit.ZeroShotCLIP(vit_clip, classnames), keep=0.5)
+    zero = promptkit.Zero(promptkit.ZeroShotCLIP(vit_clip, classnames), selection=0.5)
     # Views by confidence: class 0 (9), class 1 (8), then class 2 (5: not tied), class 1 (4): class 1 wins.
     logits = torch.tensor([[[0, 4.0, 0, 0, 0, 0], [9, 0, 0, 0, 0, 0], [0, 0, 5, 0, 0, 0], [0, 8, 0, 0, 0, 0]]])
     shares = zero.vote(logits).softmax(-1)[0]
@@ -351,7 +351,7 @@ def test_one_view_and_keeping_every_view(vit_clip, classnames):
     tda = promptkit.TDA(learner)  # one view per image by default: no crops
     assert tda.views(images).shape == (3, 1, 3, 32, 32)
     torch.testing.assert_close(tda(images), promptkit.TDA(learner).adapt_features(features[:, None]))
-    zero = promptkit.Zero(learner, keep=1.0, n_views=4)
+    zero = promptkit.Zero(learner, selection=1.0, n_views=4)
     assert zero(images).shape == (3, len(classnames))
     assert promptkit.Zero(learner, n_views=1)(images).argmax(-1).tolist() == plain.argmax(-1).tolist()
 

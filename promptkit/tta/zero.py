@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import torch
 
+from .._keywords import renamed
 from ..registry import register_adapter
 from .base import ViewAdapter, entropy, gather_views
 
 
 @register_adapter("zero")
 class Zero(ViewAdapter):
-    """Test-time augmentation at zero temperature, no backward: keep the `keep` most confident views
+    """Test-time augmentation at zero temperature, no backward: keep the `selection` most confident views
     (lowest entropy), let each vote for its argmax class, and predict the majority.
 
     Ties are broken greedily as in the reference code: the discarded views are scanned by confidence,
@@ -22,18 +23,19 @@ class Zero(ViewAdapter):
 
     Args:
         learner: any learner.
-        keep: fraction of views kept (Zero: 0.3).
+        selection: fraction of views kept (Zero's gamma: 0.3; was `keep`).
         n_views: views per image including the original (Zero: 64).
         augment: "crop" (Zero: random resized crops and flips for every dataset), "augmix" or "auto".
         seed, autocast: see `ViewAdapter`.
     """
 
-    def __init__(self, learner, keep: float = 0.3, n_views: int = 64, augment: str = "crop", seed: int = 0,
+    @renamed(keep="selection")
+    def __init__(self, learner, selection: float = 0.3, n_views: int = 64, augment: str = "crop", seed: int = 0,
                  autocast: bool = True):
-        if not 0 < keep <= 1:
-            raise ValueError(f"keep must be in (0, 1], got {keep}")
+        if not 0 < selection <= 1:
+            raise ValueError(f"selection must be in (0, 1], got {selection}")
         super().__init__(learner, n_views, augment, seed, autocast)
-        self.keep = keep
+        self.selection = selection
 
     @torch.no_grad()
     def adapt_views(self, views: torch.Tensor) -> torch.Tensor:
@@ -48,7 +50,7 @@ class Zero(ViewAdapter):
     def vote(self, logits: torch.Tensor) -> torch.Tensor:
         """Zero's prediction from per-view logits [B, V, C] -> log vote shares [B, C]."""
         b, v, n_classes = logits.shape
-        k = max(1, int(v * self.keep))
+        k = max(1, int(v * self.selection))
         order = torch.argsort(entropy(logits), dim=1, stable=True)
         predictions = logits.argmax(-1)                                          # zero temperature: one-hot
         kept = gather_views(predictions, order[:, :k])
