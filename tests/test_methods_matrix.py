@@ -58,3 +58,11 @@ def test_method_learns_a_toy(name, vit_clip, classnames):
         loss.backward()
         optimizer.step()
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+@pytest.mark.parametrize("name", promptkit.list_methods())
+def test_first_forward_on_a_fresh_model(name, classnames, images):
+    """The towers' token layout is probed by running them once; a learner's hooks must not trigger that probe
+    from inside it (CAVPT did: endless recursion when it was the first prompted forward on a model)."""
+    clip = promptkit.load_clip("test-vit")
+    assert build(name, clip, classnames)(images).shape == (len(images), len(classnames))

@@ -108,13 +108,16 @@ class CAVPT(CoOp):
         class_text = raw_text[top]                                              # [B, K, D]
         prompt_counts = [self.vpt.shape[1]] * len(self.vpt) + [self.top_k] * len(self.class_aware)
         layer_logits = []
+        # Read before the hooks exist: the first read probes the tower by running it, and a hook asking
+        # from inside that run would probe again, without end.
+        batch_first = clip.vision_batch_first
 
         def swap(layer, make):
             def hook(module, args, kwargs):
-                x = args[0] if clip.vision_batch_first else args[0].transpose(0, 1)
+                x = args[0] if batch_first else args[0].transpose(0, 1)
                 tokens = torch.cat([x[:, :1], x[:, 1 + (prompt_counts[layer - 1] if layer else 0):]], dim=1)
                 x = torch.cat([tokens[:, :1], make(tokens).to(x.dtype), tokens[:, 1:]], dim=1)
-                return ((x if clip.vision_batch_first else x.transpose(0, 1)),) + tuple(args[1:]), kwargs
+                return ((x if batch_first else x.transpose(0, 1)),) + tuple(args[1:]), kwargs
             return Hook(clip.vision_blocks[layer], hook, pre=True)
 
         def class_aware(module):
