@@ -52,7 +52,7 @@ class TPT(ViewAdapter):
     def __init__(self, learner, steps: int = 1, lr: float = 5e-3, selection: float = 0.1, n_views: int = 64,
                  augment: str = "auto", optimizer: str = "adamw", seed: int = 0, autocast: bool = True):
         if not isinstance(learner, PromptTuning):
-            raise TypeError(f"TPT tunes a text prompt, and {type(learner).__name__} has none. Use a "
+            raise TypeError(f"TPT tunes a text prompt (`PromptTuning`), and {type(learner).__name__} has none. Use a "
                             f"CoOp-family learner (for zero-shot CLIP: CoOp(clip, classnames, ctx_init='a photo "
                             f"of a')), or an adapter that needs no text prompt: Zero or TDA.")
         if optimizer not in ("adamw", "sgd"):
@@ -77,6 +77,9 @@ class TPT(ViewAdapter):
     def adapt_features(self, features: torch.Tensor) -> torch.Tensor:
         """TPT on precomputed normalised view features [B, V, D] (view 0 the original) -> logits [B, C]."""
         learner = self.learner
+        if not learner.batched_tuning:
+            raise ValueError(f"{type(learner).__name__} is tuned in place, its views re-encoded at every step: "
+                             f"pass the views to adapt_views, not their features")
         scale = learner.clip.logit_scale.float()
         with torch.no_grad():
             # A context shared by all images has one step-0 text pass; an image-conditioned one (CoCoOp)
