@@ -127,3 +127,11 @@ def test_renamed_keywords_still_work_with_a_warning(name, old, new, vit_clip, cl
     b = promptkit.create_learner(name, vit_clip, classnames, seed=0, **new)
     assert a.hparams == b.hparams
     assert all(torch.equal(a.prompt_state_dict()[k], v) for k, v in b.prompt_state_dict().items())
+
+
+@pytest.mark.parametrize("name", promptkit.list_methods())
+def test_first_forward_on_a_fresh_model(name, classnames, images):
+    """The towers' token layout is probed by running them once, when FrozenCLIP is built; a probe from inside a
+    prompted forward would recurse through the learner's hooks (CAVPT did, without end)."""
+    clip = promptkit.load_clip("test-vit")
+    assert build(name, clip, classnames)(images).shape == (len(images), len(classnames))

@@ -119,5 +119,8 @@ def test_objective_mistakes_are_explained(vit_clip, classnames, images):
     with pytest.raises(ValueError, match="dpt objective needs class-aware visual prompts"):
         promptkit.create_learner("coop", vit_clip, classnames, objectives=["dpt"]).training_loss(
             torch.tensor([0, 1, 2]), images)
+    with pytest.raises(ValueError, match="give no loss term; add one"):
+        promptkit.create_learner("coop", vit_clip, classnames, objectives=["gpa"]).training_loss(
+            torch.tensor([0, 1, 2]), images)
     with pytest.raises(ValueError, match="at least one objective"):
         promptkit.create_learner("coop", vit_clip, classnames, objectives=[])

@@ -7,8 +7,9 @@ from .ivlp import IVLP, MaPLe
 from .kgcoop import KgCoOp
 from .prograd import ProGrad
 from .promptsrc import PromptSRC
+from .tuning import PromptTuning
 from .vpt import VPT
 from .zeroshot import ZeroShotCLIP
 
-__all__ = ["LossOutput", "PromptLearner", "ZeroShotCLIP", "CoOp", "CoCoOp", "KgCoOp", "ProGrad", "VPT", "IVLP",
+__all__ = ["LossOutput", "PromptLearner", "PromptTuning", "ZeroShotCLIP", "CoOp", "CoCoOp", "KgCoOp", "ProGrad", "VPT", "IVLP",
            "MaPLe", "PromptSRC", "CAVPT"]

@@ -156,6 +156,8 @@ class PromptLearner(nn.Module):
                 rule_terms = produced
             elif produced:
                 additive.append(sum(produced.values()))
+        if not terms:
+            raise ValueError(f"the objectives {[o.name for o in self.objectives]} give no loss term; add one, e.g. 'ce'")
         logged = {k: v.detach() for k, v in terms.items()}
         if rule_terms is None:
             return LossOutput(sum(additive), out.logits, logged)

@@ -8,7 +8,7 @@ from torch import nn
 
 from ..objectives import TrainOutputs
 from ..registry import register_method
-from .coop import CoOp, context_hook
+from .coop import CoOp
 
 
 @register_method("cocoop")
@@ -39,16 +39,20 @@ class CoCoOp(CoOp):
                                       nn.Linear(hidden, clip.text_width)).to(self.ctx.device)
         self.text_batch = text_batch
 
-    def text_features(self) -> torch.Tensor:
-        return self._conditioned(torch.zeros(1, self.clip.embed_dim, device=self.ctx.device))[0]
+    @property
+    def batched_tuning(self) -> bool:
+        # The Meta-Net conditions the context, not the image path: batched whenever images are unprompted.
+        return not self.image_prompted
 
-    def _conditioned(self, image_features: torch.Tensor) -> torch.Tensor:
-        """Per-image class text features [B, C, D]."""
-        b, n_classes = len(image_features), self.n_classes
-        ctx = self.ctx + self.meta_net(image_features.to(self.ctx.dtype)).unsqueeze(1)   # [B, n_ctx, W]
-        rows = ctx.repeat_interleave(n_classes, dim=0)                                    # [B*C, n_ctx, W]
-        hook = context_hook(self.clip, rows, self.ctx_pos.repeat(b, 1))
-        return self.clip.encode_text(self.tokens.repeat(b, 1), hooks=[hook]).view(b, n_classes, -1)
+    def tunable_context(self, image_features: torch.Tensor | None = None) -> torch.Tensor | None:
+        """As TPT on CoCoOp: the image-conditioned context, context + Meta-Net(image feature) [B, n_ctx, W]."""
+        if image_features is None:
+            return None
+        return self.ctx + self.meta_net(image_features.to(self.ctx.dtype)).unsqueeze(1)
+
+    def text_features(self) -> torch.Tensor:
+        return self.context_text_features(self.tunable_context(torch.zeros(1, self.clip.embed_dim,
+                                                                           device=self.ctx.device)))[0]
 
     def training_outputs(self, images=None, *, image_features=None) -> TrainOutputs:
         if image_features is None:
@@ -61,7 +65,7 @@ class CoCoOp(CoOp):
             image_features = self.encode_image(images)
         logits = []
         for chunk in image_features.split(self.text_batch):
-            text = self._conditioned(chunk)
+            text = self.context_text_features(self.tunable_context(chunk))
             with torch.autocast(chunk.device.type, enabled=False):  # fp32 logits, as `PromptLearner.logits`
                 logits.append(self.clip.logit_scale.float() * torch.einsum("bd,bcd->bc", chunk.float(), text.float()))
         return torch.cat(logits)

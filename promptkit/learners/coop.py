@@ -9,6 +9,7 @@ from torch import nn
 from ..hooks import Hook
 from ..registry import register_method
 from .base import PromptLearner
+from .tuning import PromptTuning
 
 POSITIONS = ("end", "middle", "front")
 
@@ -89,8 +90,9 @@ def init_context(clip, n_ctx: int | None, ctx_init: str | None, init_std: float)
 
 
 @register_method("coop")
-class CoOp(PromptLearner):
-    """Learnable context vectors in front of (or around) the class name, text side only.
+class CoOp(PromptLearner, PromptTuning):
+    """Learnable context vectors in front of (or around) the class name, text side only. Test-time prompt
+    tuning (`PromptTuning`) tunes the context, batched.
 
     Args:
         clip: the frozen model.
@@ -123,3 +125,26 @@ class CoOp(PromptLearner):
 
     def text_features(self) -> torch.Tensor:
         return self.clip.encode_text(self.tokens, hooks=self.text_hooks())
+
+    # -- test-time prompt tuning (`PromptTuning`) ------------------------------------------------
+    @property
+    def batched_tuning(self) -> bool:
+        # Exact while the text side is this context alone and the images are unprompted; a subclass that
+        # changes either (CAVPT's image prompts, further text hooks) is tuned in place.
+        return (not self.image_prompted and type(self).text_features is CoOp.text_features
+                and type(self).text_hooks is CoOp.text_hooks)
+
+    def tuning_parameter(self) -> nn.Parameter:
+        return self.ctx
+
+    def tunable_context(self, image_features: torch.Tensor | None = None) -> torch.Tensor:
+        if image_features is None:
+            return self.ctx
+        return self.ctx.expand(len(image_features), *self.ctx.shape)
+
+    def context_text_features(self, contexts: torch.Tensor) -> torch.Tensor:
+        b, n_classes = len(contexts), self.n_classes
+        # One prompt-table row per (context, class): a shared context [n_ctx, W] repeats over the classes.
+        rows = contexts.repeat_interleave(n_classes, 0) if self.ctx.dim() == 2 else contexts.flatten(0, 1)
+        hook = context_hook(self.clip, rows, self.ctx_pos.repeat(b, 1))
+        return self.clip.encode_text(self.tokens.repeat(b, 1), hooks=[hook]).view(b, n_classes, -1)

@@ -12,11 +12,13 @@ from ..registry import register_method
 from .base import PromptLearner
 from .coop import build_prompts, context_hook
 from .deep import check_depth, deep_text_hooks, visual_prompt_hooks
+from .tuning import PromptTuning
 
 
-class DeepPrompts(PromptLearner):
+class DeepPrompts(PromptLearner, PromptTuning):
     """Text context at layer 0 plus deep text prompts at layers 1 .. text_depth-1, and vision prompt
-    tokens at layers 0 .. vision_depth-1. The subclasses decide where the vision prompts come from."""
+    tokens at layers 0 .. vision_depth-1. The subclasses decide where the vision prompts come from.
+    Test-time prompt tuning tunes the layer-0 context in place (the image features may depend on it)."""
 
     image_prompted = True
 
@@ -48,6 +50,9 @@ class DeepPrompts(PromptLearner):
 
     def vision_prompts(self) -> list[torch.Tensor]:
         raise NotImplementedError
+
+    def tuning_parameter(self) -> nn.Parameter:
+        return self.ctx
 
     def text_hooks(self):
         return [context_hook(self.clip, self.ctx, self.ctx_pos)] + deep_text_hooks(self.clip, list(self.deep_text))

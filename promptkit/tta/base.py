@@ -50,7 +50,14 @@ class ViewAdapter(nn.Module):
         autocast: on CUDA, run the encoders under bf16 autocast (fp16 where bf16 is not native; TPT
             then scales its loss as TPT's GradScaler does), as the research code runs under AMP; logits,
             entropies, losses and the prompt update stay fp32.
+
+    Attributes:
+        episodic: True when every image is adapted afresh, so its answer depends neither on the images
+            before it nor on the rest of its batch (TPT, Zero); False for a stream that learns from what it
+            has seen (TDA). No adapter changes the learner.
     """
+
+    episodic: bool = True
 
     def __init__(self, learner, n_views: int = 64, augment: str = "auto", seed: int = 0, autocast: bool = True):
         super().__init__()

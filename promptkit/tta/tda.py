@@ -79,6 +79,8 @@ class TDA(ViewAdapter):
         seed, autocast: see `ViewAdapter`.
     """
 
+    episodic = False
+
     def __init__(self, learner, pos_shots: int = 3, pos_alpha: float = 2.0, pos_beta: float = 5.0,
                  neg_shots: int = 2, neg_alpha: float = 0.117, neg_beta: float = 1.0,
                  neg_entropy=(0.2, 0.5), neg_mask=(0.03, 1.0), selection: float = 0.1, n_views: int = 1,

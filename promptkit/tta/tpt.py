@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..learners.cocoop import CoCoOp
-from ..learners.coop import CoOp, context_hook
+from ..learners.tuning import PromptTuning
 from ..registry import register_adapter
 from .base import PromptState, ViewAdapter, gather_views, marginal_entropy, select_confident
 
@@ -32,14 +31,15 @@ class TPT(ViewAdapter):
     per later step, and one AdamW over the [B, ...] copies, which is B independent AdamWs because
     AdamW is elementwise. Memory grows with B x C at steps >= 2 and in the final prediction.
 
-    Learners whose image path carries prompts (`image_prompted`: MaPLe, IVLP, PromptSRC, CAVPT, ...)
-    and learners with other text-side prompts than CoOp's context take a slower, equally exact path:
-    one sample at a time through the learner's own forward, the views re-encoded at every step (only
-    the selected ones after step 0), since their image features may depend on the tuned context.
+    The learner says what is tuned and how (`learners.tuning.PromptTuning`). Learners that are not
+    `batched_tuning` (image prompts: MaPLe, IVLP, PromptSRC, CAVPT, ...; other text-side prompts than
+    CoOp's context) take a slower, equally exact path: one sample at a time through the learner's own
+    forward, the views re-encoded at every step (only the selected ones after step 0), since their image
+    features may depend on the tuned context.
 
     Args:
-        learner: a learner with a text context `ctx` (CoOp family); for learners without one
-            (zero-shot CLIP, VPT) use Zero or TDA.
+        learner: a learner with a tunable text prompt (`PromptTuning`: the CoOp family, CoCoOp, IVLP,
+            MaPLe, ...); for learners without one (zero-shot CLIP, VPT) use Zero or TDA.
         steps: optimisation steps per sample (TPT: 1).
         lr: AdamW learning rate (TPT: 5e-3).
         selection: fraction of confident views kept (TPT: 0.1).
@@ -51,9 +51,8 @@ class TPT(ViewAdapter):
 
     def __init__(self, learner, steps: int = 1, lr: float = 5e-3, selection: float = 0.1, n_views: int = 64,
                  augment: str = "auto", optimizer: str = "adamw", seed: int = 0, autocast: bool = True):
-        ctx = getattr(learner, "ctx", None)
-        if not isinstance(ctx, torch.nn.Parameter) or not hasattr(learner, "ctx_pos"):
-            raise TypeError(f"TPT tunes a text context (`ctx`), and {type(learner).__name__} has none. Use a "
+        if not isinstance(learner, PromptTuning):
+            raise TypeError(f"TPT tunes a text prompt (`PromptTuning`), and {type(learner).__name__} has none. Use a "
                             f"CoOp-family learner (for zero-shot CLIP: CoOp(clip, classnames, ctx_init='a photo "
                             f"of a')), or an adapter that needs no text prompt: Zero or TDA.")
         if optimizer not in ("adamw", "sgd"):
@@ -62,7 +61,7 @@ class TPT(ViewAdapter):
             raise ValueError(f"need steps >= 0 and 0 < selection <= 1, got steps={steps}, selection={selection}")
         super().__init__(learner, n_views, augment, seed, autocast)
         self.steps, self.lr, self.selection, self.optimizer = steps, lr, selection, optimizer
-        self._step0 = None  # (prompt state, context leaf, its text features with their graph)
+        self._step0 = None  # (prompt state, shared context leaf, its text features with their graph)
 
     def extra_loss(self, text_features: torch.Tensor) -> torch.Tensor:
         """Per-sample term [B] added to the entropy, from text features [B, C, D]; C-TPT overrides it."""
@@ -71,23 +70,22 @@ class TPT(ViewAdapter):
     def adapt_views(self, views: torch.Tensor) -> torch.Tensor:
         if views.dim() != 5:
             raise ValueError(f"views must be [B, V, 3, H, W] (view 0 the original image), got {tuple(views.shape)}")
-        learner = self.learner
-        fast = not learner.image_prompted and (isinstance(learner, CoCoOp) or (
-            type(learner).text_features is CoOp.text_features and type(learner).text_hooks is CoOp.text_hooks))
-        if not fast:
+        if not self.learner.batched_tuning:
             return torch.cat([self._adapt_one(sample) for sample in views])
         return self.adapt_features(self.view_features(views))
 
     def adapt_features(self, features: torch.Tensor) -> torch.Tensor:
         """TPT on precomputed normalised view features [B, V, D] (view 0 the original) -> logits [B, C]."""
         learner = self.learner
+        if not learner.batched_tuning:
+            raise ValueError(f"{type(learner).__name__} is tuned in place, its views re-encoded at every step: "
+                             f"pass the views to adapt_views, not their features")
         scale = learner.clip.logit_scale.float()
-        shared = not isinstance(learner, CoCoOp)
         with torch.no_grad():
-            if shared:
-                start = learner.ctx.expand(len(features), *learner.ctx.shape)
-            else:  # TPT on CoCoOp: the context conditioned on the original image is what gets tuned
-                start = learner.ctx + learner.meta_net(features[:, 0].to(learner.ctx.dtype)).unsqueeze(1)
+            # A context shared by all images has one step-0 text pass; an image-conditioned one (CoCoOp)
+            # is conditioned on the original view.
+            shared = learner.tunable_context() is not None
+            start = learner.tunable_context(features[:, 0])
         copies = start.detach().clone().requires_grad_(True)   # one independent prompt per sample
         loss_scale = self._loss_scale()
         optimizer = (torch.optim.AdamW([copies], lr=self.lr) if self.optimizer == "adamw"
@@ -128,35 +126,29 @@ class TPT(ViewAdapter):
 
     def _text(self, copies: torch.Tensor) -> torch.Tensor:
         """Text features [B, C, D] (fp32) for B context copies: one text pass over B x C prompts."""
-        learner = self.learner
-        b, n_classes = copies.shape[0], learner.n_classes
-        rows = copies.repeat_interleave(n_classes, 0) if copies.dim() == 3 else copies.flatten(0, 1)
-        hook = context_hook(learner.clip, rows, learner.ctx_pos.repeat(b, 1))
         with self.amp():
-            text = learner.clip.encode_text(learner.tokens.repeat(b, 1), hooks=[hook])
-        return text.float().view(b, n_classes, -1)
+            return self.learner.context_text_features(copies).float()
 
     def _shared_text(self):
-        """(context leaf, its text features [C, D] with graph): the step-0 pass shared by all samples,
-        encoded once per value of the learner's context."""
+        """(shared context leaf, its text features [C, D] with graph): the step-0 pass shared by all samples,
+        encoded once per state of the learner's prompts."""
         learner = self.learner
-        ctx = learner.ctx
-        key = (self.amp_dtype(), PromptState(learner, [ctx, learner.tokens, learner.ctx_pos]))
+        key = (self.amp_dtype(), PromptState(learner))
         if self._step0 is None or self._step0[0] != key:
-            leaf = ctx.detach().requires_grad_(True)
+            leaf = learner.tunable_context().detach().requires_grad_(True)
             with torch.enable_grad(), self.amp():
-                text = learner.clip.encode_text(learner.tokens, hooks=[context_hook(learner.clip, leaf, learner.ctx_pos)])
+                text = learner.context_text_features(leaf.unsqueeze(0))[0]
             self._step0 = (key, leaf, text.float())
         return self._step0[1:]
 
     def _adapt_one(self, views: torch.Tensor) -> torch.Tensor:
-        """One sample's views [V, 3, H, W] through the learner's own forward, tuning `learner.ctx` in
-        place (restored afterwards, also on errors) with a fresh optimizer."""
+        """One sample's views [V, 3, H, W] through the learner's own forward, tuning its
+        `tuning_parameter()` in place (restored afterwards, also on errors) with a fresh optimizer."""
         learner = self.learner
-        ctx = learner.ctx
-        saved, saved_grad = ctx.detach().clone(), ctx.grad
-        optimizer = (torch.optim.AdamW([ctx], lr=self.lr) if self.optimizer == "adamw"
-                     else torch.optim.SGD([ctx], lr=self.lr))
+        tuned = learner.tuning_parameter()
+        saved, saved_grad = tuned.detach().clone(), tuned.grad
+        optimizer = (torch.optim.AdamW([tuned], lr=self.lr) if self.optimizer == "adamw"
+                     else torch.optim.SGD([tuned], lr=self.lr))
         loss_scale = self._loss_scale()
         try:
             selected = None
@@ -169,15 +161,15 @@ class TPT(ViewAdapter):
                     selected = select_confident(logits.detach(), self.selection)[0]
                     logits = logits[:, selected]
                 loss = (marginal_entropy(logits) + self.extra_loss(text.float().unsqueeze(0))).sum() * loss_scale
-                grad, = torch.autograd.grad(loss, ctx)   # only ctx: other prompt tensors get no .grad
-                ctx.grad = _unscale(grad, loss_scale, per_sample=False)
+                grad, = torch.autograd.grad(loss, tuned)   # other prompt tensors get no .grad
+                tuned.grad = _unscale(grad, loss_scale, per_sample=False)
                 optimizer.step()
             with torch.no_grad(), self.amp():
                 return learner(views[:1]).float()
         finally:
             with torch.no_grad():
-                ctx.copy_(saved)
-            ctx.grad = saved_grad
+                tuned.copy_(saved)
+            tuned.grad = saved_grad
 
 
 @register_adapter("ctpt")
