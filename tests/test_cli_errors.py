@@ -117,7 +117,7 @@ def test_dataloader_worker_error_is_its_own_message(folder, capsys):
 
 def test_tta_keywords_are_checked(folder, capsys):
     tta = ["tta", "--arch", "test-vit", "--data", folder, "--method", "ctpt"]
-    assert_one_line_error(*run(capsys, [*tta, "n_view=4"]), "unknown key 'n_view'", "n_views", "lambda_")
+    assert_one_line_error(*run(capsys, [*tta, "n_view=4"]), "unknown key 'n_view'", "n_views", "weight")
     assert_one_line_error(*run(capsys, [*tta, "steps=one"]), '"one" for steps (ctpt)', "an integer")
 
 

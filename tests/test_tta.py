@@ -87,9 +87,9 @@ def test_tpt_zero_steps_is_the_learner(coop, views):
 
 
 def test_ctpt_matches_reference_and_reduces_to_tpt(coop, views):
-    torch.testing.assert_close(promptkit.CTPT(coop, lambda_=0.0, lr=5e-2, selection=0.25).adapt_views(views),
+    torch.testing.assert_close(promptkit.CTPT(coop, weight=0.0, lr=5e-2, selection=0.25).adapt_views(views),
                                promptkit.TPT(coop, lr=5e-2, selection=0.25).adapt_views(views), atol=1e-5, rtol=0)
-    torch.testing.assert_close(promptkit.CTPT(coop, lambda_=20.0, lr=5e-2, selection=0.25).adapt_views(views),
+    torch.testing.assert_close(promptkit.CTPT(coop, weight=20.0, lr=5e-2, selection=0.25).adapt_views(views),
                                reference_tpt(coop, views, 1, 5e-2, 0.25, lambda_=20.0), atol=2e-4, rtol=0)
 
 
@@ -223,9 +223,9 @@ def test_tpt_under_fp16_autocast_scales_and_unscales_the_loss(vit_clip, classnam
 
 
 def test_ctpt_default_lambda_follows_the_label_set(vit_clip, classnames):
-    assert promptkit.CTPT(promptkit.CoOp(vit_clip, classnames, n_ctx=2)).lambda_ == 50.0
+    assert promptkit.CTPT(promptkit.CoOp(vit_clip, classnames, n_ctx=2)).weight == 50.0
     many = [f"class {i}" for i in range(200)]
-    assert promptkit.CTPT(promptkit.CoOp(vit_clip, many, n_ctx=2)).lambda_ == 20.0
+    assert promptkit.CTPT(promptkit.CoOp(vit_clip, many, n_ctx=2)).weight == 20.0
 
 
 def test_zero_breaks_ties_with_the_next_confident_view(vit_clip, classnames):
@@ -425,12 +425,12 @@ def test_per_dataset_defaults_are_the_authors(vit_clip, classnames):
 
     coop = promptkit.CoOp(vit_clip, classnames, ctx_init="a photo of a")
     imagenet = promptkit.create_adapter("ctpt", coop, dataset="imagenet")
-    assert (imagenet.lambda_, imagenet.augment) == (50.0, "crop")
+    assert (imagenet.weight, imagenet.augment) == (50.0, "crop")
     sketch = promptkit.create_adapter("ctpt", coop, dataset="ImageNet-Sketch")
-    assert (sketch.lambda_, sketch.augment) == (20.0, "augmix")
+    assert (sketch.weight, sketch.augment) == (20.0, "augmix")
     assert promptkit.create_adapter("tpt", coop, dataset="sun397").augment == "augmix"
     assert promptkit.create_adapter("tpt", coop, dataset="imagenet_a").augment == "crop"
-    assert promptkit.create_adapter("ctpt", coop, dataset="imagenet", lambda_=3.0).lambda_ == 3.0  # explicit wins
+    assert promptkit.create_adapter("ctpt", coop, dataset="imagenet", weight=3.0).weight == 3.0  # explicit wins
     zero_shot = promptkit.ZeroShotCLIP(vit_clip, classnames)
     tda = promptkit.create_adapter("tda", zero_shot, dataset="imagenet_r")
     assert (tda.pos_alpha, tda.pos_beta, tda.n_views, tda.augment) == (1.0, 8.0, 64, "augmix")
@@ -443,3 +443,11 @@ def test_per_dataset_defaults_are_the_authors(vit_clip, classnames):
     assert (plain.pos_alpha, plain.pos_beta, plain.n_views) == (2.0, 5.0, 1)
     with pytest.raises(KeyError, match="unknown dataset 'imagenet-z'"):
         promptkit.create_adapter("tpt", coop, dataset="imagenet-z")
+
+
+def test_renamed_adapter_keywords_still_work(vit_clip, classnames):
+    coop = promptkit.CoOp(vit_clip, classnames, n_ctx=2)
+    with pytest.warns(DeprecationWarning, match="'lambda_' is now 'weight'"):
+        assert promptkit.CTPT(coop, lambda_=3.0).weight == 3.0
+    with pytest.warns(DeprecationWarning, match="'keep' is now 'selection'"):
+        assert promptkit.Zero(promptkit.ZeroShotCLIP(vit_clip, classnames), keep=0.5).selection == 0.5

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .._keywords import renamed
 from ..learners.tuning import PromptTuning
 from ..registry import register_adapter
 from .base import PromptState, ViewAdapter, gather_views, marginal_entropy, select_confident
@@ -174,25 +175,28 @@ class TPT(ViewAdapter):
 
 @register_adapter("ctpt")
 class CTPT(TPT):
-    """C-TPT: TPT's loss minus `lambda_` x ATFD, the mean L2 distance of the normalised class text
+    """C-TPT: TPT's loss minus `weight` x ATFD, the mean L2 distance of the normalised class text
     features to their centroid; keeping the class features spread out keeps the adapted prompt calibrated.
 
     Args:
-        lambda_: ATFD weight; None picks the paper's value by the label set: 20 for ImageNet-scale
-            natural shifts (>= 200 classes), 50 for fine-grained sets.
-        augment: "augmix" (C-TPT's scripts use AugMix views for every dataset, ImageNet included),
-            "crop" or "auto".
-        **kwargs: as TPT.
+        weight: the ATFD weight (the paper's lambda; was `lambda_`); None: 20 for label sets of >= 200 classes,
+            50 otherwise. The authors' per-dataset values (ImageNet 50 with crops, its shifts 20 with AugMix):
+            `create_adapter("ctpt", learner, dataset=...)`.
+        augment: "augmix" (C-TPT's scripts use AugMix views except on ImageNet itself), "crop" or "auto".
+        steps, lr, selection, n_views, optimizer, seed, autocast: as TPT.
     """
 
-    def __init__(self, learner, lambda_: float | None = None, augment: str = "augmix", **kwargs):
-        super().__init__(learner, augment=augment, **kwargs)
-        self.lambda_ = (20.0 if learner.n_classes >= 200 else 50.0) if lambda_ is None else float(lambda_)
+    @renamed(lambda_="weight")
+    def __init__(self, learner, weight: float | None = None, steps: int = 1, lr: float = 5e-3,
+                 selection: float = 0.1, n_views: int = 64, augment: str = "augmix", optimizer: str = "adamw",
+                 seed: int = 0, autocast: bool = True):
+        super().__init__(learner, steps, lr, selection, n_views, augment, optimizer, seed, autocast)
+        self.weight = (20.0 if learner.n_classes >= 200 else 50.0) if weight is None else float(weight)
 
     def extra_loss(self, text_features: torch.Tensor) -> torch.Tensor:
         centroid = text_features.mean(dim=-2, keepdim=True)
         atfd = (text_features - centroid).norm(dim=-1).mean(dim=-1)
-        return -self.lambda_ * atfd
+        return -self.weight * atfd
 
 
 def _unscale(grad: torch.Tensor, scale: float, per_sample: bool) -> torch.Tensor:
