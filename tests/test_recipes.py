@@ -55,7 +55,8 @@ def test_coop_few_shot_epochs_follow_the_shot_count(shots, epochs):
 
 def test_maple_recipes():
     config = promptkit.TrainConfig.for_method("maple", protocol="base2novel")
-    assert (config.lr, config.batch_size, config.epochs, config.momentum, config.weight_decay) == (0.0035, 4, 5, 0.9, 5e-4)
+    assert (config.lr, config.batch_size, config.epochs) == (0.0035, 4, 5)
+    assert (config.momentum, config.weight_decay) == (0.9, 5e-4)
     assert (config.warmup_epochs, config.warmup_lr, config.scheduler, config.precision) == (1, 1e-5, "cosine", "fp16")
     assert config.recipe == "maple/base2novel/16-shot" and get_recipe("maple", "base2novel").method_kwargs == {}
     cross = get_recipe("maple", "cross-dataset")
@@ -69,7 +70,7 @@ def test_promptsrc_recipes():
     assert get_recipe("promptsrc", "few-shot", 4, "stanford_cars").method_kwargs == {"gpa_mean": 45, "gpa_std": 5}
     assert get_recipe("promptsrc", "few-shot", 1, "ImageNet").method_kwargs == {"gpa_mean": 30, "gpa_std": 30}
     unnamed = get_recipe("promptsrc", "few-shot", 16)
-    assert unnamed.config.epochs == 50 and unnamed.method_kwargs == {} and "name the dataset" in unnamed.notes
+    assert unnamed.config.epochs == 50 and unnamed.method_kwargs == {} and "without a dataset name" in unnamed.notes
 
 
 def test_vpt_and_other_base2novel_recipes():
@@ -115,7 +116,8 @@ def test_every_method_that_learns_has_a_recipe(method):
 def test_every_recipe_builds_with_keywords_the_learner_takes(method, protocol, shots, dataset):
     entry = _DATA[method][protocol]
     assert set(entry) - ENTRY_KEYS <= {k for k in entry if k.startswith("_")}, "a misspelled recipe key"
-    assert entry["_source"] and (isinstance(entry["epochs"], int) or set(entry["epochs"]) == set(map(str, entry["shots"])))
+    assert entry["_source"]
+    assert isinstance(entry["epochs"], int) or set(entry["epochs"]) == set(map(str, entry["shots"]))
     recipe = get_recipe(method, protocol, shots, dataset)
     assert recipe.source == entry["_source"] and recipe.config.recipe.startswith(f"{method}/{protocol}/")
     assert recipe.transform == recipe.config.augment and recipe.config.cache_passes == 10
@@ -143,7 +145,8 @@ def test_train_transform_from_a_recipe(vit_clip):
     assert isinstance(crop, RandomResizedCrop) and crop.scale == (0.08, 1.0) and crop.interpolation.value == "bicubic"
     assert isinstance(transform.transforms[1], RandomHorizontalFlip)
     narrow = train_transform(vit_clip, crop_scale=[0.5, 1.0], flip=False, interpolation="bilinear")
-    assert narrow.transforms[0].scale == (0.5, 1.0) and not any(isinstance(t, RandomHorizontalFlip) for t in narrow.transforms)
+    assert narrow.transforms[0].scale == (0.5, 1.0)
+    assert not any(isinstance(t, RandomHorizontalFlip) for t in narrow.transforms)
     with pytest.raises(ValueError, match=r"crop_scale must be .* got \(0.9, 0.5\)"):
         train_transform(vit_clip, crop_scale=(0.9, 0.5))
     with pytest.raises(ValueError, match="interpolation must be one of .*bicubic.* got 'cubic'"):
@@ -163,3 +166,69 @@ def test_the_trainer_warns_when_the_recipe_augments_but_the_data_does_not(vit_cl
         warnings.simplefilter("error")
         promptkit.PromptTrainer(coop, promptkit.TrainConfig(epochs=1, output_dir=None, progress=False)).fit(data)
     assert torch.isfinite(coop.ctx).all()
+
+
+# -- the CLI ---------------------------------------------------------------------------------------------------
+def train(capsys, tmp_path, *argv, data="procedural"):
+    from promptkit.cli import main
+
+    capsys.readouterr()
+    rc = main(["train", "--arch", "test-vit", "--data", str(data), "--shots", "1", "--out", str(tmp_path / "run"),
+               *map(str, argv), "progress=false"])
+    out = capsys.readouterr()
+    config = json.loads((tmp_path / "run" / "config.json").read_text()) if rc == 0 else None
+    return rc, out.out, out.err, config
+
+
+def test_cli_trains_with_the_recipe_and_records_it(tmp_path, capsys):
+    """--classes base selects base2novel; --config over the recipe, key=value over both; procedural data comes as
+    tensors, so the recipe's augmentation (and its cached passes) is left out."""
+    (tmp_path / "c.json").write_text(json.dumps({"lr": 0.1, "batch_size": 8}))
+    rc, out, _, config = train(capsys, tmp_path, "--method", "maple", "--classes", "base", "--config",
+                               tmp_path / "c.json", "epochs=1", "batch_size=2")
+    assert rc == 0
+    line = next(line for line in out.splitlines() if line.startswith("recipe: "))
+    assert line.startswith("recipe: maple/base2novel/1-shot, from muzairkhattak/multimodal-prompt-learning@69bce21")
+    assert "not augmented" in line
+    assert config["recipe"] == "maple/base2novel/1-shot" and config["augment"] is None and config["cache_passes"] == 1
+    assert (config["lr"], config["batch_size"], config["epochs"], config["precision"]) == (0.1, 2, 1, "fp16")
+
+
+def test_cli_dataset_selects_per_dataset_recipe_values(tmp_path, capsys):
+    rc, out, _, config = train(capsys, tmp_path, "--method", "promptsrc", "--dataset", "stanford_cars", "epochs=1")
+    assert rc == 0 and config["recipe"] == "promptsrc/few-shot/1-shot/StanfordCars"
+    hparams = json.loads((tmp_path / "run" / "prompts" / "prompt_config.json").read_text())["hparams"]
+    assert (hparams["gpa_mean"], hparams["gpa_std"]) == (45, 5)
+
+
+def test_cli_augments_image_files_as_the_recipe_says(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    from promptkit.training.trainer import PromptTrainer
+
+    for c, colour in enumerate(["red", "blue"]):
+        (tmp_path / "images" / colour).mkdir(parents=True)
+        Image.new("RGB", (40, 40), colour).save(tmp_path / "images" / colour / "0.png")
+    seen = []
+    monkeypatch.setattr(PromptTrainer, "fit", lambda self, data, *_, **__: seen.append(data))
+    rc, _, err, config = train(capsys, tmp_path, "n_ctx=2", data=tmp_path / "images")
+    assert rc == 0 and "no random op" not in err
+    assert config["augment"] == get_recipe("coop").transform and config["cache_passes"] == 10
+    crop = seen[0].dataset.transform.transforms[0]
+    assert isinstance(crop, RandomResizedCrop) and crop.scale == (0.08, 1.0)
+
+
+def test_cli_recipe_none_keeps_the_trainconfig_defaults(tmp_path, capsys):
+    rc, out, _, config = train(capsys, tmp_path, "--recipe", "none", "--method", "vpt", "epochs=1")
+    assert rc == 0 and "recipe: none" in out
+    defaults = promptkit.TrainConfig().to_dict()
+    changed = {k for k in defaults if config[k] != defaults[k]}
+    assert changed == {"epochs", "progress", "output_dir", "device"} and config["recipe"] is None
+
+
+@pytest.mark.parametrize("argv", [["--method", "vpt"], ["--method", "maple", "--protocol", "few-shot"]])
+def test_cli_refuses_a_protocol_the_paper_did_not_publish(tmp_path, capsys, argv):
+    rc, out, err, _ = train(capsys, tmp_path, *argv, "epochs=1")
+    assert rc == 2 and "Traceback" not in out + err and err.strip().count("\n") == 0, err
+    assert f"{argv[1]} has no few-shot recipe" in err and "its recipes: base2novel" in err and "--recipe none" in err
+    assert not (tmp_path / "run").exists()
