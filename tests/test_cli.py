@@ -57,7 +57,7 @@ def test_tta_on_an_image_folder(tmp_path, capsys):
 
 
 def test_seed_fixes_the_random_prompt_init(tmp_path, capsys):
-    """CoOp's default context is random: two runs with the same --seed must give bitwise-equal prompts."""
+    """CoOp's few-shot context is random: two runs with the same --seed must give bitwise-equal prompts."""
     import torch
 
     from promptkit.checkpoint import load_tensors
@@ -65,7 +65,8 @@ def test_seed_fixes_the_random_prompt_init(tmp_path, capsys):
     def run(name, seed):
         out = tmp_path / name
         assert main(["train", "--arch", "test-vit", "--data", "procedural", "--classes", "base", "--shots", "1",
-                     "--seed", str(seed), "--out", str(out), "epochs=1", "progress=false"]) == 0
+                     "--protocol", "few-shot", "--seed", str(seed), "--out", str(out), "epochs=1",
+                     "progress=false"]) == 0
         return load_tensors(out / "prompts" / "prompt_weights.safetensors")["ctx"]
 
     a, b, c = run("a", 3), run("b", 3), run("c", 4)

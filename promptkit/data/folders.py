@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,8 @@ from torch.utils.data import Dataset
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 VAL_SHOTS = 4  # CoOp validates on min(k, 4) images per class
+# Random ops of torchvision (RandomResizedCrop, ColorJitter, AugMix, ...) and open_clip (color_jitter, gray_scale).
+_RANDOM_OP = re.compile(r"random|jitter|augment|augmix|gray_scale|elastic", re.IGNORECASE)
 
 
 def _visible(path: Path) -> bool:
@@ -242,15 +245,53 @@ def check_labels(dataset, n_classes: int) -> torch.Tensor:
     return labels
 
 
-def train_transform(clip):
-    """CoOp's training augmentation at the model's resolution: random resized crop (scale 0.08-1, bicubic),
-    horizontal flip, CLIP normalisation (the model's own, from `clip.preprocess`). Evaluate with
-    `clip.preprocess` (open_clip's resize + centre crop, as TPT and CoOp)."""
+def train_transform(clip, crop_scale: Sequence[float] = (0.08, 1.0), flip: bool = True,
+                    interpolation: str = "bicubic"):
+    """Dassl's training augmentation (CoOp and the papers built on it) at the model's resolution: random resized
+    crop, horizontal flip, CLIP normalisation (the model's own, from `clip.preprocess`). Evaluate with
+    `clip.preprocess` (open_clip's resize + centre crop, as TPT and CoOp). A recipe's `augment` dict holds these
+    keywords: `train_transform(clip, **recipe.transform)`.
+
+    Args:
+        clip: a `FrozenCLIP`.
+        crop_scale: (min, max) area fraction of the random crop, 0 < min <= max <= 1.
+        flip: random horizontal flip (p 0.5).
+        interpolation: torchvision's name of the resize filter ("bicubic", "bilinear", ...).
+
+    Raises:
+        ValueError: a crop scale outside (0, 1] or reversed, or an unknown interpolation.
+    """
     from torchvision import transforms as T
 
+    low, high = crop_scale
+    if not 0 < low <= high <= 1:
+        raise ValueError(f"crop_scale must be (min, max) with 0 < min <= max <= 1, got {tuple(crop_scale)}")
+    modes = {mode.value: mode for mode in T.InterpolationMode}
+    if interpolation not in modes:
+        raise ValueError(f"interpolation must be one of {', '.join(modes)}, got {interpolation!r}")
     size = clip.model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
     normalize = next((t for t in getattr(clip.preprocess, "transforms", []) if isinstance(t, T.Normalize)),
                      T.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)))
-    return T.Compose([T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-                      T.RandomHorizontalFlip(), T.ToTensor(), normalize])
+    crop = T.RandomResizedCrop(size, scale=(low, high), interpolation=modes[interpolation])
+    return T.Compose([crop, *([T.RandomHorizontalFlip()] if flip else []), T.ToTensor(), normalize])
+
+
+def has_random_transform(dataset) -> bool:
+    """Whether the images of `dataset` (or of the dataset a `Subset` holds) may pass a random transform. Only
+    no transform, or one made of torchvision and open_clip ops none of which is random, counts as deterministic:
+    any other callable may augment."""
+    while getattr(dataset, "transform", None) is None and getattr(dataset, "dataset", None) is not None:
+        dataset = dataset.dataset
+    pending = [getattr(dataset, "transform", None)]
+    while pending:
+        op = pending.pop()
+        if op is None:
+            continue
+        if hasattr(op, "transforms"):  # Compose and the like
+            pending.extend(op.transforms)
+            continue
+        known = str(getattr(op, "__module__", "")).startswith(("torchvision", "open_clip"))
+        if not known or _RANDOM_OP.search(getattr(op, "__name__", type(op).__name__)):
+            return True
+    return False

@@ -12,6 +12,7 @@ import typing
 import warnings
 from pathlib import Path
 
+from ..recipes import PROTOCOLS, get_recipe
 from ..training.config import TrainConfig, _yaml, parse_overrides
 
 # TrainConfig fields the CLI sets from its own flags; as key=value they would be silently replaced.
@@ -71,9 +72,9 @@ def _device(name: str | None) -> str:
 
 
 def load_split(args, clip, split: str, shots: int | None = None, seed: int = 1, photos: bool = False,
-               allow_fewer: bool = False):
+               allow_fewer: bool = False, transform=None):
     """The dataset for `split` ("train", "val", "test"; "shifted" for the procedural benchmark); image
-    files come preprocessed, or as PIL images with `photos`."""
+    files come through `transform` (default: `clip.preprocess`), or as PIL images with `photos`."""
     from ..data import CoOpSplitDataset, ImageFolderDataset, ProceduralBenchmark, few_shot
 
     if args.data == "procedural":
@@ -82,7 +83,7 @@ def load_split(args, clip, split: str, shots: int | None = None, seed: int = 1, 
         if ignored:
             raise ValueError(f"{', '.join(ignored)}: for image files only, not --data procedural")
         return ProceduralBenchmark().split(split, shots=shots, seed=seed, classes=args.classes)
-    transform = None if photos else clip.preprocess
+    transform = None if photos else transform or clip.preprocess
     if args.split_json:
         dataset = CoOpSplitDataset(args.data, args.split_json, split, transform=transform,
                                    skip_unreadable=args.skip_unreadable)
@@ -121,7 +122,16 @@ def configure(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("--seed", type=int, default=None, help="few-shot sampling and training seed "
                                                                    "(default: --config's, else 1)")
         parser.add_argument("--out", required=True, help="output directory")
-        parser.add_argument("--config", default=None, help="TrainConfig as JSON or YAML")
+        parser.add_argument("--protocol", default=None, choices=PROTOCOLS,
+                            help="which of the method's published recipes to train with (default: base2novel with "
+                                 "--classes base, else few-shot)")
+        parser.add_argument("--recipe", default="paper", choices=["paper", "none"],
+                            help="paper: the method's published recipe (promptkit.recipes) under --config and "
+                                 "key=value; none: TrainConfig's plain defaults")
+        parser.add_argument("--dataset", default=None,
+                            help="the benchmark trained on (e.g. oxford_pets, dtd, imagenet): per-dataset recipe "
+                                 "values, and the method's per-dataset templates where it has them")
+        parser.add_argument("--config", default=None, help="TrainConfig as JSON or YAML (over the recipe)")
         parser.add_argument("--resume", action="store_true", help="continue the run in OUT from OUT/checkpoint")
         parser.add_argument("--overwrite", action="store_true", help="delete the run already in OUT first")
         parser.add_argument("overrides", nargs="*", metavar="key=value",
@@ -135,7 +145,8 @@ def configure(parser: argparse.ArgumentParser, command: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import load_pretrained
-    from ..registry import create_learner
+    from ..data import train_transform
+    from ..registry import METHODS, create_learner
     from .trainer import PromptTrainer
 
     if args.command == "eval":
@@ -155,13 +166,19 @@ def run(args: argparse.Namespace) -> int:
     old_run = _existing_run(args)
     file_data = _read_config(args.config) if args.config else {}
     train_keys, method_keys = _split_overrides(parse_overrides(args.overrides), args.method)
+    recipe, recipe_keys, recipe_line = _recipe(args)
+    method_keys = {**recipe_keys, **method_keys}
+    if args.dataset and "dataset" in keyword_types(METHODS.get(args.method)):
+        method_keys.setdefault("dataset", args.dataset)  # the method's per-dataset templates
     if file_data.get("output_dir", args.out) != args.out:
         warnings.warn(f"--config's output_dir {file_data['output_dir']!r} is replaced by --out {args.out}")
     seed = args.seed if args.seed is not None else file_data.get("seed", TrainConfig.seed)
     clip = load_model(args, device=file_data.get("device"))
-    config = TrainConfig.from_dict({**TrainConfig().to_dict(), **file_data, **train_keys, "seed": seed,
-                                    "output_dir": args.out, "device": str(clip.device)})
-    train = load_split(args, clip, "train", shots=args.shots, seed=seed, allow_fewer=args.allow_fewer)
+    config = TrainConfig.from_dict({**recipe, **file_data, **train_keys, "seed": seed, "output_dir": args.out,
+                                    "device": str(clip.device)})
+    transform = train_transform(clip, **config.augment) if config.augment and args.data != "procedural" else None
+    train = load_split(args, clip, "train", shots=args.shots, seed=seed, allow_fewer=args.allow_fewer,
+                       transform=transform)
     val = load_split(args, clip, "val", shots=None if args.shots is None else min(args.shots, 4), seed=seed,
                      allow_fewer=args.allow_fewer) if has_splits(args) else None
     learner = create_learner(args.method, clip, train.classnames, seed=seed, **method_keys)  # seeded prompt init
@@ -173,8 +190,27 @@ def run(args: argparse.Namespace) -> int:
                 path.unlink()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     config.save(Path(args.out) / "config.json")
+    print(recipe_line)
     PromptTrainer(learner, config).fit(train, val, resume=args.resume)
     return 0
+
+
+def _recipe(args) -> tuple[dict, dict, str]:
+    """The run's recipe: TrainConfig values, method keywords, and what to print about it."""
+    if args.recipe == "none":
+        return TrainConfig().to_dict(), {}, "recipe: none (TrainConfig's defaults)"
+    protocol = args.protocol or ("base2novel" if args.classes == "base" else "few-shot")
+    try:
+        recipe = get_recipe(args.method, protocol, args.shots, args.dataset)
+    except ValueError as err:
+        raise ValueError(f"{err} (--protocol picks another recipe; --recipe none trains with TrainConfig's "
+                         f"defaults)") from None
+    values = recipe.config.to_dict()
+    line = f"recipe: {recipe.config.recipe}, from {recipe.source}"
+    if args.data == "procedural":  # rendered tensors: nothing to crop or flip, and one cached pass is exact
+        values.update(augment=None, cache_passes=TrainConfig.cache_passes)
+        line += "; not augmented: procedural data comes as tensors"
+    return values, recipe.method_kwargs, line + (f"\nrecipe notes: {recipe.notes}" if recipe.notes else "")
 
 
 def _existing_run(args) -> list[Path]:

@@ -7,6 +7,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Sequence
 
+# Keywords of `promptkit.data.train_transform` (kept here so a config is checked without importing torchvision).
+AUGMENT_KEYS = ("crop_scale", "flip", "interpolation")
+
 
 @dataclass
 class TrainConfig:
@@ -14,7 +17,7 @@ class TrainConfig:
     decay 5e-4, cosine schedule over `epochs` after 1 constant warm-up epoch at 1e-5, batch 32.
 
     Attributes:
-        epochs: training epochs (CoOp: 50 for 1-2 shots, 100 for 4-8, 200 for 16; ImageNet 50).
+        epochs: training epochs (CoOp: 50 for 1 shot, 100 for 2-4, 200 for 8-16; ImageNet 50).
         batch_size: global batch; under torchrun it is split evenly across ranks.
         optimizer: "sgd" or "adamw".
         scheduler: "cosine" or "constant"; the learning rate is a pure function of the epoch.
@@ -33,6 +36,14 @@ class TrainConfig:
             (Tip-Adapter's "augment epochs").
         nan_policy: "error" stops on a non-finite loss keeping the last checkpoint; "skip" skips the step.
         ece_bins: bins of the expected calibration error.
+        augment: the training augmentation the settings were chosen for, as keywords of
+            `promptkit.data.train_transform` (e.g. {"crop_scale": [0.08, 1.0], "flip": true, "interpolation":
+            "bicubic"}). The dataset carries its transform, so this is a record: the trainer warns when it is set
+            and the training data's transform has no random op.
+        recipe: the recipe these settings came from (`promptkit.recipes`), e.g. "maple/base2novel/16-shot";
+            recorded in config.json.
+
+    `TrainConfig.for_method("maple", protocol="base2novel")` gives a paper's recipe.
     """
 
     epochs: int = 50
@@ -60,6 +71,8 @@ class TrainConfig:
     ece_bins: int = 15
     eval_batch_size: int = 256
     progress: bool = True
+    augment: dict | None = None
+    recipe: str | None = None
 
     def __post_init__(self):
         choices = {"optimizer": ("sgd", "adamw"), "scheduler": ("cosine", "constant"),
@@ -73,6 +86,18 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_size % self.grad_accum_steps:
             raise ValueError(f"batch_size {self.batch_size} must be divisible by grad_accum_steps {self.grad_accum_steps}")
+        if self.augment is not None and not set(self.augment) <= set(AUGMENT_KEYS):
+            raise ValueError(f"TrainConfig.augment has unknown keys {sorted(set(self.augment) - set(AUGMENT_KEYS))}; "
+                             f"allowed: {', '.join(AUGMENT_KEYS)}")
+
+    @classmethod
+    def for_method(cls, name: str, shots: int | None = 16, protocol: str = "few-shot",
+                   dataset: str | None = None) -> "TrainConfig":
+        """The settings of `name`'s published recipe (`promptkit.recipes.get_recipe`, which also gives the
+        method keywords and the training transform)."""
+        from ..recipes import get_recipe
+
+        return get_recipe(name, protocol, shots, dataset).config
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

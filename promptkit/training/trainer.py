@@ -90,6 +90,12 @@ class PromptTrainer:
         Returns the last evaluation (or training) metrics."""
         cfg, learner = self.config, self.learner
         labels = self._check_dataset(train_dataset)
+        from ..data import has_random_transform  # the recipe's augmentation lives in the dataset, not here
+
+        if cfg.augment and not has_random_transform(train_dataset) and distributed.is_main():
+            warnings.warn(f"config.augment is {cfg.augment} but the training data's transform has no random op, so "
+                          f"the run is not augmented; build the training set with transform="
+                          f"promptkit.data.train_transform(clip, **config.augment)")
         self._run = {"method": learner.method, "hparams": learner.hparams, "classnames": learner.classnames,
                      "data": data_fingerprint(train_dataset, labels)}
         if cfg.batch_size % (self.world * cfg.grad_accum_steps):
