@@ -26,7 +26,7 @@ def configure(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .registry import ADAPTERS, list_methods
+    from .registry import ADAPTERS, list_methods, list_objectives
 
     print("methods:", " ".join(list_methods()))
     try:
@@ -34,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         pass
     print("test-time adapters:", " ".join(ADAPTERS.names()))
+    print("objectives:", " ".join(list_objectives()))
     return 0
 
 

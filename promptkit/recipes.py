@@ -113,6 +113,7 @@ def get_recipe(method: str, protocol: str = "few-shot", shots: int | None = 16,
                      f"same values.")
     augment = entry["augment"]
     config = TrainConfig(**{k: entry[k] for k in _FIELDS}, epochs=epochs, augment=augment, recipe=name,
-                         cache_passes=CACHE_PASSES if augment else TrainConfig.cache_passes)
+                         cache_passes=CACHE_PASSES if augment else TrainConfig.cache_passes,
+                         param_groups=entry.get("param_groups"))
     return Recipe(config=config, method_kwargs=entry["method_kwargs"], transform=copy.deepcopy(augment or {}),
                   source=entry["_source"], notes=" ".join(notes))

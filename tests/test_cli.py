@@ -8,7 +8,7 @@ from promptkit.cli import main
 def test_list_methods(capsys):
     assert main(["list-methods"]) == 0
     out = capsys.readouterr().out
-    assert "coop" in out and "maple" in out and "tpt" in out and "tda" in out
+    assert "coop" in out and "maple" in out and "tpt" in out and "tda" in out and "objectives: carft ce" in out
 
 
 def test_train_eval_tta_end_to_end(tmp_path, capsys):

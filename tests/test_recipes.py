@@ -30,7 +30,8 @@ KEYWORDS = {
               "class_aware_layers", "top_k", "n_kv", "attn_dim", "weight", "first_stage_epochs", "dataset"},
 }
 ENTRY_KEYS = {"optimizer", "lr", "momentum", "weight_decay", "batch_size", "shots", "epochs", "warmup_epochs",
-              "warmup_lr", "scheduler", "precision", "augment", "method_kwargs", "datasets", "notes", "_source"}
+              "warmup_lr", "scheduler", "precision", "augment", "method_kwargs", "datasets", "notes", "param_groups",
+              "_source"}
 
 
 def every_recipe():
@@ -88,7 +89,7 @@ def test_per_dataset_values_apply_only_where_the_authors_set_them():
     cavpt = get_recipe("cavpt", "few-shot", 16)
     assert (cavpt.config.lr, cavpt.config.warmup_epochs, get_recipe("cavpt", dataset="imagenet").config.warmup_epochs) \
         == (0.01, 10, 1)
-    assert "0.002" in cavpt.notes and "one lr" in cavpt.notes  # the text lr promptkit cannot use
+    assert cavpt.config.param_groups == {"ctx": {"lr": 0.002, "warmup_epochs": 1, "warmup_lr": 1e-05}}
 
 
 def test_the_recipe_is_a_copy():

@@ -255,3 +255,23 @@ def test_resume_refuses_another_run_and_logs_allowed_changes(vit_clip, tmp_path)
     log = (tmp_path / "train.log").read_text()
     assert "resume: epochs changed from 1 to 2" in log and "resumed from" in log
     assert json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())["epoch"] == 2
+
+
+def test_param_groups_have_their_own_lr_and_warm_up(vit_clip):
+    """DPT's recipe: the text context at 0.002 after 1 warm-up epoch, the visual prompts at 0.01 after 10."""
+    names = [f"class {i}" for i in range(4)]
+    learner = promptkit.create_learner("cavpt", vit_clip, names, n_ctx=2, n_vision=2, top_k=2, seed=0)
+    config = TrainConfig(epochs=20, lr=0.01, warmup_epochs=10, output_dir=None, progress=False,
+                         param_groups={"ctx": {"lr": 0.002, "warmup_epochs": 1}})
+    trainer = PromptTrainer(learner, config)
+    optimizer = trainer._optimizer(learner.prompt_parameters())
+    by_group = {g["group"]: g for g in optimizer.param_groups}
+    assert [id(p) for p in by_group["ctx"]["params"]] == [id(learner.ctx)]
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(learner.prompt_parameters())
+    assert trainer.lr_at(1, "ctx") == 0.002 and trainer.lr_at(1) == 1e-5 and trainer.lr_at(10) == 0.01
+    assert trainer.lr_at(5, "ctx") == pytest.approx(dassl_lrs(0.002, 20, 1, 1e-5)[5])
+    with pytest.raises(ValueError, match="param_groups names 'text', which matches none of cavpt's prompts: ctx"):
+        PromptTrainer(learner, TrainConfig(output_dir=None, param_groups={"text": {"lr": 0.1}}))._optimizer(
+            learner.prompt_parameters())
+    with pytest.raises(ValueError, match=r"unknown keys \['momentum'\]"):
+        TrainConfig(param_groups={"ctx": {"momentum": 0.5}})

@@ -11,5 +11,5 @@ from .tuning import PromptTuning
 from .vpt import VPT
 from .zeroshot import ZeroShotCLIP
 
-__all__ = ["LossOutput", "PromptLearner", "PromptTuning", "ZeroShotCLIP", "CoOp", "CoCoOp", "KgCoOp", "ProGrad", "VPT", "IVLP",
-           "MaPLe", "PromptSRC", "CAVPT"]
+__all__ = ["LossOutput", "PromptLearner", "PromptTuning", "ZeroShotCLIP", "CoOp", "CoCoOp", "KgCoOp", "ProGrad",
+           "VPT", "IVLP", "MaPLe", "PromptSRC", "CAVPT"]

@@ -157,7 +157,8 @@ class PromptLearner(nn.Module):
             elif produced:
                 additive.append(sum(produced.values()))
         if not terms:
-            raise ValueError(f"the objectives {[o.name for o in self.objectives]} give no loss term; add one, e.g. 'ce'")
+            names = [o.name for o in self.objectives]
+            raise ValueError(f"the objectives {names} give no loss term; add one, e.g. 'ce'")
         logged = {k: v.detach() for k, v in terms.items()}
         if rule_terms is None:
             return LossOutput(sum(additive), out.logits, logged)

@@ -40,6 +40,9 @@ class TrainConfig:
             `promptkit.data.train_transform` (e.g. {"crop_scale": [0.08, 1.0], "flip": true, "interpolation":
             "bicubic"}). The dataset carries its transform, so this is a record: the trainer warns when it is set
             and the training data's transform has no random op.
+        param_groups: prompts trained with their own settings, by parameter-name prefix: e.g. {"ctx": {"lr":
+            0.002, "warmup_epochs": 1}} (DPT trains its text context so, beside the visual prompts at `lr`). Keys
+            of each: lr, warmup_epochs, warmup_lr, weight_decay.
         recipe: the recipe these settings came from (`promptkit.recipes`), e.g. "maple/base2novel/16-shot";
             recorded in config.json.
 
@@ -73,6 +76,7 @@ class TrainConfig:
     progress: bool = True
     augment: dict | None = None
     recipe: str | None = None
+    param_groups: dict | None = None
 
     def __post_init__(self):
         choices = {"optimizer": ("sgd", "adamw"), "scheduler": ("cosine", "constant"),
@@ -86,6 +90,11 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_size % self.grad_accum_steps:
             raise ValueError(f"batch_size {self.batch_size} must be divisible by grad_accum_steps {self.grad_accum_steps}")
+        for prefix, group in (self.param_groups or {}).items():
+            unknown = set(group) - {"lr", "warmup_epochs", "warmup_lr", "weight_decay"}
+            if unknown:
+                raise ValueError(f"TrainConfig.param_groups[{prefix!r}] has unknown keys {sorted(unknown)}; allowed: "
+                                 f"lr, warmup_epochs, warmup_lr, weight_decay")
         if self.augment is not None and not set(self.augment) <= set(AUGMENT_KEYS):
             raise ValueError(f"TrainConfig.augment has unknown keys {sorted(set(self.augment) - set(AUGMENT_KEYS))}; "
                              f"allowed: {', '.join(AUGMENT_KEYS)}")

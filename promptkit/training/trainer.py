@@ -123,7 +123,7 @@ class PromptTrainer:
             learner.train()
             learner.on_epoch_start(epoch, cfg.epochs)
             for group in optimizer.param_groups:
-                group["lr"] = self.lr_at(epoch)
+                group["lr"] = self.lr_at(epoch, group["group"])
             torch.manual_seed(cfg.seed * 100003 + epoch)  # all randomness of an epoch: f(seed, epoch)
             order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
             bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
@@ -186,16 +186,19 @@ class PromptTrainer:
         labels = distributed.gather_cat(torch.cat(labels))
         return classification_metrics(logits, labels, n_bins=cfg.ece_bins)
 
-    def lr_at(self, epoch: int) -> float:
+    def lr_at(self, epoch: int, group: str | None = None) -> float:
         """Learning rate of a 0-based epoch, as Dassl (CoOp and the papers built on it) schedules it: constant
         warm-up, then a cosine over `epochs` whose count restarts after the warm-up (Dassl's default
-        `WARMUP_RECOUNT=True`), so the first epoch after the warm-up runs at the full rate."""
+        `WARMUP_RECOUNT=True`), so the first epoch after the warm-up runs at the full rate. `group` names one
+        of `config.param_groups`, whose own lr and warm-up apply."""
         cfg = self.config
-        if epoch < cfg.warmup_epochs:
-            return cfg.warmup_lr
+        own = (cfg.param_groups or {}).get(group, {}) if group else {}
+        lr, warmup = own.get("lr", cfg.lr), own.get("warmup_epochs", cfg.warmup_epochs)
+        if epoch < warmup:
+            return own.get("warmup_lr", cfg.warmup_lr)
         if cfg.scheduler == "constant":
-            return cfg.lr
-        return 0.5 * cfg.lr * (1 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / cfg.epochs))
+            return lr
+        return 0.5 * lr * (1 + math.cos(math.pi * (epoch - warmup) / cfg.epochs))
 
     def summary(self) -> str:
         rows = [h for h in self.history]
@@ -262,10 +265,24 @@ class PromptTrainer:
         return total, n_correct, terms
 
     def _optimizer(self, params):
+        """One optimizer over the prompts; `config.param_groups` (name prefix -> lr, warm-up, weight decay) puts
+        the prompts they name in groups of their own, as separate optimizers would (DPT's text and visual)."""
         cfg = self.config
+        named = [(name, p) for name, p in self.learner.named_parameters() if not name.startswith("clip.")]
+        groups = {None: []}
+        for prefix in cfg.param_groups or {}:
+            groups[prefix] = [p for name, p in named if name == prefix or name.startswith(prefix + ".")]
+            if not groups[prefix]:
+                raise ValueError(f"param_groups names {prefix!r}, which matches none of {self.learner.method}'s "
+                                 f"prompts: {', '.join(name for name, _ in named)}")
+        grouped = {id(p) for members in groups.values() for p in members}
+        groups[None] = [p for p in params if id(p) not in grouped]
+        options = [{"params": members, "group": prefix,
+                    "weight_decay": (cfg.param_groups or {}).get(prefix, {}).get("weight_decay", cfg.weight_decay)}
+                   for prefix, members in groups.items() if members]
         if cfg.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            return torch.optim.SGD(options, lr=cfg.lr, momentum=cfg.momentum)
+        return torch.optim.AdamW(options, lr=cfg.lr)
 
     def _autocast(self):
         cfg = self.config
