@@ -30,7 +30,7 @@ def worker(cfg: dict) -> dict:
     start = time.perf_counter()
     learner = promptkit.create_learner(cfg["method"], clip, names, **SETUP.get(cfg["method"], {})).to(device)
     setup = time.perf_counter() - start
-    cached = not learner.image_prompted
+    cached, params = not learner.image_prompted, learner.prompt_parameters()
     with torch.no_grad():
         features = learner.encode_image(images) if cached else None
 
@@ -39,8 +39,10 @@ def worker(cfg: dict) -> dict:
             out = learner.training_loss(labels, image_features=features)
         else:
             out = learner.training_loss(labels, images)
-        if out.loss.requires_grad:
-            out.loss.backward()
+        # As the trainer: a gradient rule (ProGrad) takes one backward per term it combines.
+        terms = out.gradient_terms or ({"loss": out.loss} if out.loss.requires_grad else {})
+        for term in terms.values():
+            torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
 
     if cfg["method"] == "zeroshot":
         def step():  # nothing to train: one evaluation forward

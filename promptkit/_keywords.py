@@ -19,9 +19,11 @@ def record_keywords(cls, attribute: str, extra=None) -> None:
     if "__init__" not in cls.__dict__:
         return
     init, signature = cls.__init__, inspect.signature(cls.__init__)
-    if any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
-        raise TypeError(f"{cls.__name__}.__init__ takes **kwargs: spell out every keyword (with its default), so "
-                        f"save_pretrained can record it and load_pretrained rebuild the same object")
+    loose = [f"{'**' if p.kind is p.VAR_KEYWORD else '*'}{p.name}" for p in signature.parameters.values()
+             if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    if loose:
+        raise TypeError(f"{cls.__name__}.__init__ takes {', '.join(loose)}: spell out every keyword (with its "
+                        f"default), so save_pretrained can record it and load_pretrained rebuild the same object")
     n_positional = 3 if attribute == "hparams" else 1  # (self, clip, classnames) or (self,)
 
     renames = getattr(init, "renamed_keywords", {})

@@ -115,7 +115,8 @@ def load_pretrained(directory, clip, strict: bool = True, classnames: Sequence[s
     state = load_tensors(directory / WEIGHTS_NAME)
     if str(config.get("promptkit_version", "")).startswith("0.1."):  # PromptSRC's GPA sums moved into its objective
         own = learner.prompt_state_dict().keys()
-        state = {next((k for k in own if k.endswith("." + key)), key): v for key, v in state.items()}
+        state = {key if key in own else next((k for k in own if k.endswith("." + key)), key): v
+                 for key, v in state.items()}
     learner.load_prompt_state_dict(state, strict=strict)
     return learner
 
@@ -136,6 +137,8 @@ def _upgrade(config: dict, clip) -> dict:
             hparams[new] = hparams.pop(old)
     if hparams.get("ctx_init") and config["method"] in ("coop", "kgcoop", "prograd", "cocoop", "cavpt"):
         hparams["n_ctx"] = None
+    if config["method"] == "cavpt":
+        hparams["class_text"] = "normalized"
     if config["method"] == "ivlp":
         for key, blocks in (("text_depth", clip.text_blocks), ("vision_depth", clip.vision_blocks)):
             if hparams.get(key, 0) is None:

@@ -91,3 +91,10 @@ def test_tta_dataset_selects_the_authors_settings(tmp_path, capsys, monkeypatch)
     assert built == {"pos_alpha": 1.0, "pos_beta": 8.0, "n_views": 2, "augment": "augmix", "templates": 80}
     assert main(["tta", "--arch", "test-vit", "--data", "procedural", "--dataset", "imagenet-z"]) == 2
     assert "unknown dataset 'imagenet-z'" in capsys.readouterr().err
+
+
+def test_renamed_keywords_work_in_the_cli_too(tmp_path, capsys):
+    assert main(["train", "--arch", "test-vit", "--data", "procedural", "--classes", "base", "--shots", "1",
+                 "--method", "vpt", "--out", str(tmp_path / "run"), "epochs=1", "n_tokens=2", "progress=false"]) == 0
+    saved = json.loads((tmp_path / "run" / "prompts" / "prompt_config.json").read_text())["hparams"]
+    assert saved["n_vision"] == 2 and "n_tokens" not in saved

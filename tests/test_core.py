@@ -239,15 +239,21 @@ def _toy(classnames):
 
 
 def test_saves_of_promptkit_0_1_load_with_their_meaning(vit_clip, classnames, images, tmp_path):
-    """0.1 recorded n_ctx=16 beside ctx_init (which then set n_ctx) and depth None for IVLP's 9 layers."""
+    """0.1 recorded n_ctx=16 beside ctx_init (which then set n_ctx), depth None for IVLP's 9 layers, older keyword
+    names, and fed CAVPT's class-aware layers normalised text."""
     for learner, legacy in ((promptkit.CoOp(vit_clip, classnames, ctx_init="a photo of a"), {"n_ctx": 16}),
                             (promptkit.create_learner("ivlp", vit_clip, classnames, text_depth=2, vision_depth=3),
-                             {"text_depth": None, "vision_depth": None})):
+                             {"text_depth": None, "vision_depth": None}),
+                            (promptkit.create_learner("cavpt", vit_clip, classnames, n_ctx=2, n_vision=2, top_k=3,
+                                                      class_text="normalized"), {"n_vpt": 2})):
         learner.save_pretrained(tmp_path / learner.method)
         path = tmp_path / learner.method / "prompt_config.json"
         config = json.loads(path.read_text())
         config["promptkit_version"] = "0.1.0"
         config["hparams"].update(legacy)
+        config["hparams"].pop("class_text", None)  # 0.1 fed CAVPT's class-aware layers normalised text
+        if "n_vpt" in legacy:  # the old name only
+            del config["hparams"]["n_vision"]
         path.write_text(json.dumps(config))
         loaded = promptkit.load_pretrained(tmp_path / learner.method, vit_clip)
         with torch.no_grad():

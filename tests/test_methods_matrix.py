@@ -78,7 +78,7 @@ NON_DEFAULT = {
                       image_weight=3.0, gpa_mean=2.0, gpa_std=2.0, templates=["itap of a {}."]),
     "cavpt": dict(n_ctx=5, ctx_init="a photo", class_specific=True, class_token_position="middle", init_std=0.5,
                   n_vision=3, class_aware_layers=2, top_k=3, n_kv=4, attn_dim=8, weight=1.0, first_stage_epochs=3,
-                  dataset="dtd", templates=["itap of a {}."]),
+                  dataset="dtd", templates=["itap of a {}."], class_text="normalized"),
 }
 
 
@@ -113,6 +113,10 @@ def test_subclasses_record_their_keywords_or_are_refused(vit_clip, classnames, i
         class Loose(promptkit.CoOp):
             def __init__(self, clip, classnames, weight=1.0, **kwargs):
                 super().__init__(clip, classnames, **kwargs)
+    with pytest.raises(TypeError, match=r"takes \*rest: spell out"):
+        class Positional(promptkit.CoOp):
+            def __init__(self, clip, classnames, *rest):
+                super().__init__(clip, classnames, *rest)
 
 
 @pytest.mark.parametrize("name, old, new", [

@@ -246,11 +246,11 @@ def test_resume_refuses_another_run_and_logs_allowed_changes(vit_clip, tmp_path)
              (dict(learner=other_classes), "classnames: checkpoint"),
              (dict(learner=promptkit.CoOp(vit_clip, names, n_ctx=2, seed=0)), "hparams: checkpoint"),
              (dict(learner=promptkit.create_learner("kgcoop", vit_clip, names)), "method: checkpoint 'coop', now 'kgcoop'")]
-    before = (tmp_path / "checkpoint" / "trainer_state.json").read_text()
+    before = [(tmp_path / name).read_text() for name in ("checkpoint/trainer_state.json", "config.json")]
     for changes, message in cases:
         with pytest.raises(ValueError, match=f"cannot resume the run in .*{message}"):
             fit(**changes)
-    assert (tmp_path / "checkpoint" / "trainer_state.json").read_text() == before  # nothing lost
+    assert [(tmp_path / name).read_text() for name in ("checkpoint/trainer_state.json", "config.json")] == before
     fit(epochs=2, eval_every=2)  # more epochs: allowed, and said
     log = (tmp_path / "train.log").read_text()
     assert "resume: epochs changed from 1 to 2" in log and "resumed from" in log
@@ -275,3 +275,23 @@ def test_param_groups_have_their_own_lr_and_warm_up(vit_clip):
             learner.prompt_parameters())
     with pytest.raises(ValueError, match=r"unknown keys \['momentum'\]"):
         TrainConfig(param_groups={"ctx": {"momentum": 0.5}})
+
+
+def test_resume_compares_settings_as_saved_and_guards_the_prompt_average(vit_clip, tmp_path):
+    """A tuple in the config is a list once saved (still the same run); the Gaussian prompt average is drawn for
+    one epoch count, so resuming with another is refused before training."""
+    names, data = teacher_task(vit_clip, n=16)
+    config = dict(epochs=2, batch_size=8, output_dir=str(tmp_path), progress=False, augment={"crop_scale": (0.5, 1.0)})
+    learner = promptkit.create_learner("coop", vit_clip, names, n_ctx=2, seed=0, objectives=["ce", "gpa"])
+    with pytest.warns(UserWarning, match="no random op"):
+        PromptTrainer(learner, TrainConfig(**config)).fit(data)
+        PromptTrainer(learner, TrainConfig(**config)).fit(data, resume=True)  # the same run: accepted
+    with pytest.raises(ValueError, match="averaged this run's prompts for 2 epochs; resume it with epochs=2"):
+        PromptTrainer(learner, TrainConfig(**{**config, "epochs": 4})).fit(data, resume=True)
+
+
+def test_whole_batch_objectives_refuse_accumulation(vit_clip):
+    names, data = teacher_task(vit_clip, n=16)
+    learner = promptkit.create_learner("coop", vit_clip, names, n_ctx=2, objectives=["flyp"])
+    with pytest.raises(ValueError, match="objective flyp compares the images of a batch .* grad_accum_steps=1"):
+        PromptTrainer(learner, TrainConfig(batch_size=8, grad_accum_steps=2, output_dir=None)).fit(data)

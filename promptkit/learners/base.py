@@ -203,7 +203,10 @@ def _construct(self, init, args, kw):
     if seed is None:
         init(*args, **kw)
     else:
-        with torch.random.fork_rng(devices=_cuda_devices()):
+        clip = args[0] if args else kw.get("clip")
+        device = getattr(clip, "device", torch.device("cpu"))
+        # Only the model's GPU: under torchrun, touching every GPU would make a context on each from each rank.
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             init(*args, **kw)
         self.init_seed = seed
@@ -212,10 +215,6 @@ def _construct(self, init, args, kw):
         self.hparams["objectives"] = [o.spec() for o in self.objectives]
     elif not len(self.objectives):
         self.set_objectives(["ce"])
-
-
-def _cuda_devices() -> list[int]:
-    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
 
 
 def check_classnames(classnames) -> list[str]:

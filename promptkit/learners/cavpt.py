@@ -53,6 +53,8 @@ class CAVPT(CoOp):
     layer's image tokens (detached) plus 10 learnable tokens; query/key maps to 32 dims. Defaults are their
     script's: 16 context tokens, 10 VPT tokens, class-aware prompts in the last layer only, K = 10,
     auxiliary weight 0.3 (was `aux_weight`), the dataset's CoOp template for the zero-shot ranking (`dataset`).
+    `class_text="normalized"` feeds the class-aware layers normalised text features, as promptkit 0.1 did (its
+    saves load so).
     """
 
     image_prompted = True
@@ -62,13 +64,15 @@ class CAVPT(CoOp):
                  class_specific: bool = False, class_token_position: str = "end", init_std: float = 0.02,
                  n_vision: int = 10, class_aware_layers: int = 1, top_k: int = 10, n_kv: int = 10,
                  attn_dim: int = 32, weight: float = 0.3, first_stage_epochs: int = 30,
-                 dataset: str | None = None, templates: Sequence[str] | None = None):
+                 dataset: str | None = None, templates: Sequence[str] | None = None, class_text: str = "raw"):
         clip.require_vit("CAVPT")
         super().__init__(clip, classnames, n_ctx, ctx_init, class_specific, class_token_position, init_std)
         layers = len(clip.vision_blocks)
         if not 0 <= class_aware_layers <= layers:
             raise ValueError(f"class_aware_layers must be in [0, {layers}], got {class_aware_layers}")
-        self.top_k = min(top_k, self.n_classes)
+        if class_text not in ("raw", "normalized"):
+            raise ValueError(f"class_text must be 'raw' (the authors') or 'normalized' (promptkit 0.1), got {class_text!r}")
+        self.top_k, self.class_text = min(top_k, self.n_classes), class_text
         device = self.ctx.device
         self.vpt = nn.Parameter(torch.randn(layers - class_aware_layers if n_vision else 0, n_vision,
                                             clip.vision_width, device=device) * 0.02)
@@ -99,7 +103,8 @@ class CAVPT(CoOp):
         with torch.no_grad():
             frozen = clip.encode_image(images)
             top = (frozen @ self.zero_shot_text.t()).topk(self.top_k, dim=-1).indices
-        class_text = raw_text[top]                                              # [B, K, D]
+        text = raw_text if self.class_text == "raw" else F.normalize(raw_text, dim=-1)
+        class_text = text[top]                                                  # [B, K, D]
         prompt_counts = [self.vpt.shape[1]] * len(self.vpt) + [self.top_k] * len(self.class_aware)
         layer_logits = []
 

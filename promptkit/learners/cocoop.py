@@ -31,7 +31,8 @@ class CoCoOp(CoOp):
         text_batch: images whose B x C prompts are encoded together.
     """
 
-    def __init__(self, clip, classnames: Sequence[str], n_ctx: int = 4, ctx_init: str | None = "a photo of a",
+    def __init__(self, clip, classnames: Sequence[str], n_ctx: int | None = None,
+                 ctx_init: str | None = "a photo of a",
                  init_std: float = 0.02, text_batch: int = 8):
         super().__init__(clip, classnames, n_ctx=n_ctx, ctx_init=ctx_init, init_std=init_std)
         hidden = clip.embed_dim // 16

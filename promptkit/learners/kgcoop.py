@@ -16,7 +16,7 @@ class KgCoOp(CoOp):
     template for `dataset` (its own per-dataset table; None: "a photo of a {}.") unless `templates` is given.
     """
 
-    def __init__(self, clip, classnames: Sequence[str], n_ctx: int | None = 4, ctx_init: str | None = "a photo of a",
+    def __init__(self, clip, classnames: Sequence[str], n_ctx: int | None = None, ctx_init: str | None = "a photo of a",
                  class_specific: bool = False, class_token_position: str = "end", init_std: float = 0.02,
                  weight: float = 8.0, dataset: str | None = None, templates: Sequence[str] | None = None):
         super().__init__(clip, classnames, n_ctx, ctx_init, class_specific, class_token_position, init_std)

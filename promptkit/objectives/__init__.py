@@ -69,6 +69,7 @@ class Objective(nn.Module):
     name: str = ""
     gradient_rule: bool = False
     primary: str = ""
+    whole_batch: bool = False  # compares a batch's images with each other: no gradient accumulation (FLYP)
     config: dict = {}  # replaced per instance by the recorded keywords of objectives that take any
 
     def __init_subclass__(cls, **kwargs):

@@ -117,6 +117,8 @@ class GaussianPromptAggregation(Objective):
         for name, p in self._prompts(learner):
             self.register_buffer(f"gpa_{name}", torch.zeros_like(p.detach()))
         self.register_buffer("gpa_weight", torch.zeros((), device=learner.clip.device))
+        # The epoch count the weights were drawn for (0: none yet): the sums mean nothing for another one.
+        self.register_buffer("gpa_epochs", torch.zeros((), dtype=torch.long, device=learner.clip.device))
 
     def forward(self, out, labels):
         return {}
@@ -131,8 +133,15 @@ class GaussianPromptAggregation(Objective):
         raw = [math.exp(-((e - mean) ** 2) / (2 * self.std ** 2)) for e in range(1, epochs + 1)]
         return [w / sum(raw) for w in raw]
 
+    def on_epoch_start(self, learner, epoch: int, epochs: int) -> None:
+        done = int(self.gpa_epochs)
+        if done and done != epochs:
+            raise ValueError(f"the Gaussian prompt aggregation has averaged this run's prompts for {done} epochs; "
+                             f"resume it with epochs={done}, or start a new run for {epochs}")
+
     @torch.no_grad()
     def on_epoch_end(self, learner, epoch: int, epochs: int) -> None:
+        self.gpa_epochs.fill_(epochs)
         weight = self.weights(epochs)[epoch - 1]
         self.gpa_weight += weight
         for name, p in self._prompts(learner):

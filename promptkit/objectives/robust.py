@@ -22,6 +22,8 @@ class FLYP(Objective):
     `ClipLoss(gather_with_grad=True)`), so the loss is the global batch's, as one process computes it.
     The official code uses no cross-entropy beside it: `objectives=["flyp"]`."""
 
+    whole_batch = True
+
     def __init__(self, weight: float = 1.0):
         super().__init__()
         self.weight = weight

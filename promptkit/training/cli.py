@@ -188,8 +188,6 @@ def run(args: argparse.Namespace) -> int:
                 shutil.rmtree(path)
             else:
                 path.unlink()
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    config.save(Path(args.out) / "config.json")
     print(recipe_line)
     PromptTrainer(learner, config).fit(train, val, resume=args.resume)
     return 0
@@ -295,6 +293,8 @@ def keyword_types(cls) -> dict:
         for name, p in parameters.items():
             if p.default is not p.empty and name not in out:
                 out[name] = hints.get(name, object if p.default is None else type(p.default))
+        for old, new in getattr(klass.__init__, "renamed_keywords", {}).items():  # still accepted, with a warning
+            out.setdefault(old, out.get(new, object))
         if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
             return out
     return out

@@ -22,8 +22,15 @@ def is_main() -> bool:
 
 
 def average_gradients(params) -> None:
-    """All-reduces prompt gradients to their mean over ranks."""
-    average([p.grad for p in params if p.grad is not None])
+    """All-reduces prompt gradients to their mean over ranks. A parameter a rank's batch did not reach (CAVPT's
+    class-aware classifier when no true class is among the top K) counts as a zero gradient there: every rank
+    must send the same tensors."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    average([p.grad for p in params])
 
 
 def average(tensors) -> None:

@@ -98,6 +98,11 @@ class PromptTrainer:
                           f"promptkit.data.train_transform(clip, **config.augment)")
         self._run = {"method": learner.method, "hparams": learner.hparams, "classnames": learner.classnames,
                      "data": data_fingerprint(train_dataset, labels)}
+        whole = [o.name for o in getattr(learner, "objectives", []) if o.whole_batch]
+        if whole and cfg.grad_accum_steps > 1:
+            raise ValueError(f"objective {whole[0]} compares the images of a batch with each other, so it needs the "
+                             f"whole batch at once: set grad_accum_steps=1 (under torchrun the ranks' batches are "
+                             f"gathered)")
         if cfg.batch_size % (self.world * cfg.grad_accum_steps):
             raise ValueError(f"batch_size {cfg.batch_size} must split evenly over {self.world} processes x "
                              f"{cfg.grad_accum_steps} accumulation steps")
@@ -111,6 +116,9 @@ class PromptTrainer:
         start_epoch, step, best = 0, 0, None
         if resume:
             start_epoch, step, best = self._load_checkpoint(optimizer, scaler)
+        if self.out and distributed.is_main():  # once the run is accepted: a refused resume keeps the old one
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.config.save(self.out / "config.json")
         features = self._cache_features(train_dataset) if self._use_cache() else None
         n = len(labels)
         batch = min(cfg.batch_size, n - n % self.world) if n < cfg.batch_size else cfg.batch_size
@@ -218,6 +226,7 @@ class PromptTrainer:
         total, n_correct = torch.zeros((), device=self.device), torch.zeros((), dtype=torch.long, device=self.device)
         term_grads: dict[str, list[torch.Tensor]] = {}  # whole-batch gradients of `gradient_terms`, per term
         terms: dict[str, torch.Tensor] = {}  # the objectives' terms, averaged over micro-batches (for the log)
+        reached: set[int] = set()  # parameters any gradient term reached (the others keep grad None, as backward)
         image_chunks = None if images is None else images.chunk(cfg.grad_accum_steps)
         for j, micro in enumerate(local.chunk(cfg.grad_accum_steps)):
             y = labels[micro].to(self.device)
@@ -232,9 +241,10 @@ class PromptTrainer:
                     grads = torch.autograd.grad(scaler.scale(term / cfg.grad_accum_steps), params,
                                                 retain_graph=True, allow_unused=True)
                     sums = term_grads.setdefault(name, [torch.zeros_like(p) for p in params])
-                    for s, g in zip(sums, grads):
+                    for i, (s, g) in enumerate(zip(sums, grads)):
                         if g is not None:
                             s += g
+                            reached.add(i)
             else:
                 scaler.scale(loss).backward()
             total += loss.detach()
@@ -253,8 +263,8 @@ class PromptTrainer:
                 f"nan_policy='skip'.")
         if term_grads:
             distributed.average([g for grads in term_grads.values() for g in grads])
-            for p, g in zip(params, learner.combine_gradients(term_grads)):
-                p.grad = g
+            for i, (p, g) in enumerate(zip(params, learner.combine_gradients(term_grads))):
+                p.grad = g if i in reached or self.world > 1 else None
         else:
             distributed.average_gradients(params)
         if cfg.grad_clip:
@@ -393,7 +403,7 @@ class PromptTrainer:
             different.append(f"training data: checkpoint {saved_data.get('n')} images (fingerprint "
                              f"{str(saved_data.get('fingerprint'))[:12]}), now {self._run['data']['n']} images "
                              f"({self._run['data']['fingerprint'][:12]}); other images, split, shots or seed")
-        saved, now = state.get("config", {}), self.config.to_dict()
+        saved, now = state.get("config", {}), json.loads(json.dumps(self.config.to_dict()))  # tuples as saved
         for key in sorted(saved.keys() | now.keys()):
             if saved.get(key) != now.get(key):
                 if key in RESUMABLE:
