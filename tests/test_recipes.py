@@ -211,7 +211,13 @@ def test_cli_augments_image_files_as_the_recipe_says(tmp_path, capsys, monkeypat
         (tmp_path / "images" / colour).mkdir(parents=True)
         Image.new("RGB", (40, 40), colour).save(tmp_path / "images" / colour / "0.png")
     seen = []
-    monkeypatch.setattr(PromptTrainer, "fit", lambda self, data, *_, **__: seen.append(data))
+
+    def fit(self, data, *_, **__):  # records the data, and writes config.json as the trainer does when it starts
+        seen.append(data)
+        (tmp_path / "run").mkdir(exist_ok=True)
+        self.config.save(tmp_path / "run" / "config.json")
+
+    monkeypatch.setattr(PromptTrainer, "fit", fit)
     rc, _, err, config = train(capsys, tmp_path, "n_ctx=2", data=tmp_path / "images")
     assert rc == 0 and "no random op" not in err
     assert config["augment"] == get_recipe("coop").transform and config["cache_passes"] == 10
