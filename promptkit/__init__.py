@@ -13,6 +13,7 @@ from .registry import (create_adapter, create_learner, create_objective, list_ad
 from .templates import IMAGENET_TEMPLATES, IMAGENET_TEMPLATES_7, get_templates
 from .training import PromptTrainer, TrainConfig
 from .tta import CTPT, TDA, TPT, Zero
+from .weights import debias, ensemble_logits, interpolate, patch, soup
 
 __all__ = [
     "FrozenCLIP", "load_clip",
@@ -25,4 +26,5 @@ __all__ = [
     "TPT", "CTPT", "Zero", "TDA",
     "Hook", "inject",
     "IMAGENET_TEMPLATES", "IMAGENET_TEMPLATES_7", "get_templates",
+    "interpolate", "ensemble_logits", "soup", "patch", "debias",
 ]

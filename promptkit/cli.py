@@ -14,6 +14,7 @@ COMMANDS = {
     "train": ("promptkit.training.cli", "Few-shot prompt training."),
     "eval": ("promptkit.training.cli", "Evaluate saved prompts (or zero-shot) on a dataset."),
     "tta": ("promptkit.tta.cli", "Test-time adaptation over a dataset."),
+    "soup": ("promptkit.weights", "Average the prompts of several runs (model soup: uniform or greedy)."),
     "demo": ("promptkit.demo", "End-to-end demo on the embedded model and benchmark (offline)."),
 }
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, NotADirectoryError, PermissionError, FileExistsError)

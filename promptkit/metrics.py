@@ -53,7 +53,7 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = 15,
-                           classnames: Sequence[str] | None = None) -> dict:
+                           classnames: Sequence[str] | None = None, groups=None) -> dict:
     """All the numbers of a few-shot evaluation, from logits.
 
     Args:
@@ -61,11 +61,16 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, n_bins: i
         labels: [N] true labels in [0, C).
         n_bins: confidence bins for `ece`.
         classnames: C names; when given, `per_class` maps name -> accuracy.
+        groups: [N] integer group of each sample (e.g. Waterbirds' class x background); when given, also
+            `per_group` (group -> accuracy) and `worst_group` (the lowest of them), in percent.
 
     Returns:
         `top1`, `top5` (top-min(5, C)), `macro_f1` (as scikit-learn's `f1_score(average="macro")`: over the
         labels that occur in `labels` or the predictions), `per_class` accuracy (a list, or a dict by class
         name; None for a class without samples), `ece`, all in percent; `nll` (mean cross-entropy) and `n`.
+
+    Raises:
+        ValueError: malformed logits or labels, or `groups` not one integer per sample.
     """
     logits = logits.detach().float().cpu()
     labels = torch.as_tensor(labels).long().cpu()
@@ -84,7 +89,7 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, n_bins: i
     accuracy = (100 * true_positive / support.clamp(min=1)).tolist()
     # None, not NaN, for classes without samples: the metrics go to JSON lines, where NaN is invalid.
     per_class = [acc if count > 0 else None for acc, count in zip(accuracy, support.tolist())]
-    return {
+    metrics = {
         "top1": 100 * correct.float().mean().item(),
         "top5": 100 * in_top5.float().mean().item(),
         "macro_f1": 100 * f1[occurring].mean().item(),
@@ -93,3 +98,11 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, n_bins: i
         "nll": F.cross_entropy(logits, labels).item(),
         "n": n,
     }
+    if groups is not None:
+        groups = torch.as_tensor(groups).cpu()
+        if groups.shape != labels.shape or groups.is_floating_point() or groups.is_complex():
+            raise ValueError(f"groups must hold one integer group per sample: {n} samples, got "
+                             f"{tuple(groups.shape)} of {groups.dtype}")
+        per_group = {int(g): 100 * correct[groups == g].float().mean().item() for g in groups.unique()}
+        metrics.update(per_group=per_group, worst_group=min(per_group.values()))
+    return metrics

@@ -176,9 +176,10 @@ class PromptTrainer:
         return metrics
 
     @torch.no_grad()
-    def evaluate(self, dataset) -> dict:
-        """`top1`, `top5`, `macro_f1`, `per_class`, `ece` (percent), `nll`, `n`. Text features once per
-        evaluation; under torchrun each rank evaluates a shard and the results are gathered."""
+    def evaluate(self, dataset, groups=None) -> dict:
+        """`top1`, `top5`, `macro_f1`, `per_class`, `ece` (percent), `nll`, `n`; with `groups` (one integer
+        per sample, in dataset order) also `per_group` and `worst_group`. Text features once per evaluation;
+        under torchrun each rank evaluates a shard and the results are gathered."""
         learner, cfg = self.learner, self.config
         self._check_dataset(dataset)
         learner.eval()
@@ -192,7 +193,10 @@ class PromptTrainer:
                 labels.append(targets.to(self.device))
         logits = distributed.gather_cat(torch.cat(logits))
         labels = distributed.gather_cat(torch.cat(labels))
-        return classification_metrics(logits, labels, n_bins=cfg.ece_bins)
+        if groups is not None:  # the shards come in rank order: back to dataset order, where `groups` is
+            order = distributed.gather_cat(index.to(self.device)).argsort()
+            logits, labels = logits[order], labels[order]
+        return classification_metrics(logits, labels, n_bins=cfg.ece_bins, groups=groups)
 
     def lr_at(self, epoch: int, group: str | None = None) -> float:
         """Learning rate of a 0-based epoch, as Dassl (CoOp and the papers built on it) schedules it: constant
