@@ -352,9 +352,10 @@ class PromptTrainer:
         """Image features [N, D] (one pass, on every rank) and labels [N] of a dataset."""
         labels = self._check_dataset(dataset)
         self.learner.eval()
+        batches = torch.arange(len(dataset)).split(self.config.eval_batch_size)
         with self._autocast():
             features = [self.learner.encode_image(images.to(self.device)).float()
-                        for images, _ in self._loader(dataset, torch.arange(len(dataset)).split(self.config.eval_batch_size))]
+                        for images, _ in self._loader(dataset, batches)]
         return torch.cat(features), labels.to(self.device)
 
     def _loader(self, dataset, batches):
