@@ -86,6 +86,27 @@ def save_pretrained(learner, directory) -> None:
     }, directory / CONFIG_NAME)
 
 
+def export_head(learner, directory) -> None:
+    """`learner.linear_head()` as `head.safetensors` + `head.json`: what a deployment pipeline loads beside a
+    plain open_clip model (see `PromptLearner.export_head`)."""
+    import open_clip
+
+    from . import __version__
+
+    directory = Path(directory)
+    weight, bias = learner.linear_head()
+    clip = learner.clip
+    save_tensors({"weight": weight.float(), "bias": bias.float()}, directory / "head.safetensors")
+    save_json({
+        "logits": "F.normalize(model.encode_image(images), dim=-1) @ weight.T + bias",
+        "method": learner.method,
+        "classnames": learner.classnames,
+        "promptkit_version": __version__,
+        "open_clip_version": open_clip.__version__,
+        "base_model": {"arch": clip.arch, "pretrained": clip.pretrained, "signature": clip.signature()},
+    }, directory / "head.json")
+
+
 def load_pretrained(directory, clip, strict: bool = True, classnames: Sequence[str] | None = None):
     """Rebuilds the learner saved in `directory` on `clip`.
 

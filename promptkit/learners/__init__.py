@@ -3,6 +3,7 @@ from .base import LossOutput, PromptLearner
 from .cavpt import CAVPT
 from .cocoop import CoCoOp
 from .coop import CoOp
+from .heads import CLIPAdapter, LinearProbe, TipAdapter, TipAdapterF
 from .ivlp import IVLP, MaPLe
 from .kgcoop import KgCoOp
 from .prograd import ProGrad
@@ -12,4 +13,4 @@ from .vpt import VPT
 from .zeroshot import ZeroShotCLIP
 
 __all__ = ["LossOutput", "PromptLearner", "PromptTuning", "ZeroShotCLIP", "CoOp", "CoCoOp", "KgCoOp", "ProGrad",
-           "VPT", "IVLP", "MaPLe", "PromptSRC", "CAVPT"]
+           "VPT", "IVLP", "MaPLe", "PromptSRC", "CAVPT", "CLIPAdapter", "TipAdapter", "TipAdapterF", "LinearProbe"]

@@ -193,6 +193,35 @@ class PromptLearner(nn.Module):
 
         save_pretrained(self, directory)
 
+    def linear_head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The classifier as `logits = image_features @ weight.T + bias` on plain CLIP's normalised image
+        features: (logit scale x text features, zeros) here.
+
+        Raises:
+            ValueError: the classifier depends on the image: prompts in the image encoder, or logits that are
+                not this product (CoCoOp's per-image context, CLIP-Adapter, Tip-Adapter).
+        """
+        own = type(self)
+        if self.image_prompted or any(getattr(own, name) is not getattr(PromptLearner, name)
+                                      for name in ("encode_image", "logits", "forward")):
+            raise ValueError(f"{self.method or own.__name__}'s classifier depends on the image, so it is not a "
+                             f"fixed linear head on CLIP's image features")
+        with torch.no_grad():
+            weight = self.clip.logit_scale.detach().float() * self.text_features().float()
+        return weight, torch.zeros(len(weight), device=weight.device)
+
+    def export_head(self, directory) -> None:
+        """Writes the classifier for use without promptkit: `head.safetensors` (`weight` [C, D], `bias` [C]) and
+        `head.json` (base model, class names). Logits are `F.normalize(model.encode_image(x), dim=-1) @ weight.T
+        + bias` with the plain open_clip model.
+
+        Raises:
+            ValueError: the classifier depends on the image (see `linear_head`).
+        """
+        from ..checkpoint import export_head
+
+        export_head(self, directory)
+
     def extra_repr(self) -> str:
         return f"method={self.method!r}, classes={self.n_classes}, hparams={self.hparams}"
 

@@ -87,6 +87,8 @@ class PromptTrainer:
     # -- public ------------------------------------------------------------------------------------
     def fit(self, train_dataset, val_dataset=None, resume: bool = False) -> dict:
         """Trains for `config.epochs`; with `resume=True` continues from `output_dir/checkpoint`.
+        A learner that defines `fit(features, labels, val_features, val_labels)` is first built from the image
+        features (and trained only if it then has prompt parameters).
         Returns the last evaluation (or training) metrics."""
         cfg, learner = self.config, self.learner
         labels = self._check_dataset(train_dataset)
@@ -106,11 +108,22 @@ class PromptTrainer:
         if cfg.batch_size % (self.world * cfg.grad_accum_steps):
             raise ValueError(f"batch_size {cfg.batch_size} must split evenly over {self.world} processes x "
                              f"{cfg.grad_accum_steps} accumulation steps")
+        # A learner built from data (Tip-Adapter's cache, the linear probe) defines `fit`: it gets the cached image
+        # features, averaged over the cache passes, before any epoch (its tensors may change shape, so before the
+        # optimizer), and the validation set's features.
+        build = getattr(learner, "fit", None)
+        features = self._cache_features(train_dataset) if self._use_cache() or build else None
+        if build is not None:
+            build(features.mean(0), labels.to(self.device),
+                  *(self._encode(val_dataset) if val_dataset is not None else (None, None)))
+            features = features if self._use_cache() else None
         params = learner.prompt_parameters()
-        if not params:
+        if not params and build is None:
             raise ValueError(f"{learner.method or type(learner).__name__} has no prompt parameters to train")
         # Every rank starts from rank 0's prompts, however each process initialised its learner.
         distributed.broadcast(list(learner.prompt_state_dict().values()))
+        if not params:  # fitted from the features alone: nothing to train
+            return self._finish(val_dataset)
         optimizer = self._optimizer(params)
         scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16" and self.device.type == "cuda")
         start_epoch, step, best = 0, 0, None
@@ -119,7 +132,6 @@ class PromptTrainer:
         if self.out and distributed.is_main():  # once the run is accepted: a refused resume keeps the old one
             self.out.mkdir(parents=True, exist_ok=True)
             self.config.save(self.out / "config.json")
-        features = self._cache_features(train_dataset) if self._use_cache() else None
         n = len(labels)
         batch = min(cfg.batch_size, n - n % self.world) if n < cfg.batch_size else cfg.batch_size
         steps_per_epoch = n // batch
@@ -173,6 +185,20 @@ class PromptTrainer:
         if self.out and distributed.is_main():
             learner.save_pretrained(self.out / "prompts")
             self._log_line(self.summary())
+        return metrics
+
+    def _finish(self, val_dataset) -> dict:
+        """Ends a run with nothing to train: evaluates on `val_dataset` (if any) and saves the learner."""
+        metrics = {}
+        if val_dataset is not None:
+            metrics = {f"val_{k}": v for k, v in self.evaluate(val_dataset).items()
+                       if k in ("top1", "top5", "macro_f1", "ece")}
+        self._log_line(f"fitted {self.learner.method} from the image features; nothing to train"
+                       + "".join(f" {k}={v:.4g}" for k, v in metrics.items()))
+        if self.out and distributed.is_main():
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.config.save(self.out / "config.json")
+            self.learner.save_pretrained(self.out / "prompts")
         return metrics
 
     @torch.no_grad()
@@ -324,6 +350,17 @@ class PromptTrainer:
                     chunks.append(self.learner.encode_image(images.to(self.device)).float())
             passes.append(torch.cat(chunks))
         return torch.stack(passes)
+
+    @torch.no_grad()
+    def _encode(self, dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image features [N, D] (one pass, on every rank) and labels [N] of a dataset."""
+        labels = self._check_dataset(dataset)
+        self.learner.eval()
+        batches = torch.arange(len(dataset)).split(self.config.eval_batch_size)
+        with self._autocast():
+            features = [self.learner.encode_image(images.to(self.device)).float()
+                        for images, _ in self._loader(dataset, batches)]
+        return torch.cat(features), labels.to(self.device)
 
     def _loader(self, dataset, batches):
         return DataLoader(dataset, batch_sampler=[b.tolist() for b in batches], num_workers=self.config.num_workers,
