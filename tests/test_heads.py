@@ -122,7 +122,8 @@ def test_tip_adapter_f_fine_tunes_the_keys_then_searches(vit_clip, classnames, m
     monkeypatch.setattr(tip, "search", lambda f, y: searched.append(len(f)))
     PromptTrainer(tip, TrainConfig(epochs=2, batch_size=8, lr=1e-3, optimizer="adamw", warmup_epochs=0,
                                    progress=False, device="cpu")).fit(dataset(classnames), dataset(classnames, 12, 1))
-    start = F.normalize(PromptTrainer(tip, TrainConfig(device="cpu"))._encode(dataset(classnames))[0], dim=-1)
+    with torch.no_grad():
+        start = F.normalize(vit_clip.encode_image(dataset(classnames).tensors[0]), dim=-1)
     assert isinstance(tip.cache_keys, torch.nn.Parameter) and not torch.allclose(tip.cache_keys, start)
     assert searched == [12]  # once, after the last epoch, on the validation features
 

@@ -114,8 +114,9 @@ class PromptTrainer:
         build = getattr(learner, "fit", None)
         features = self._cache_features(train_dataset) if self._use_cache() or build else None
         if build is not None:
-            build(features.mean(0), labels.to(self.device),
-                  *(self._encode(val_dataset) if val_dataset is not None else (None, None)))
+            val = (self._cache_features(val_dataset, passes=1)[0], self._check_dataset(val_dataset).to(self.device)
+                   ) if val_dataset is not None else (None, None)
+            build(features.mean(0), labels.to(self.device), *val)
             features = features if self._use_cache() else None
         params = learner.prompt_parameters()
         if not params and build is None:
@@ -338,29 +339,19 @@ class PromptTrainer:
         return bool(setting) and not self.learner.image_prompted
 
     @torch.no_grad()
-    def _cache_features(self, dataset) -> torch.Tensor:
-        """[passes, N, D] image features, each image encoded once per pass (every rank encodes all)."""
+    def _cache_features(self, dataset, passes: int | None = None) -> torch.Tensor:
+        """[passes, N, D] image features, each image encoded once per pass (`config.cache_passes` by default;
+        every rank encodes all)."""
         self.learner.eval()
-        passes = []
-        for p in range(self.config.cache_passes):
+        out = []
+        for p in range(self.config.cache_passes if passes is None else passes):
             torch.manual_seed(self.config.seed * 7919 + p)
             chunks = []
             with self._autocast():
                 for images, _ in self._loader(dataset, torch.arange(len(dataset)).split(self.config.eval_batch_size)):
                     chunks.append(self.learner.encode_image(images.to(self.device)).float())
-            passes.append(torch.cat(chunks))
-        return torch.stack(passes)
-
-    @torch.no_grad()
-    def _encode(self, dataset) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image features [N, D] (one pass, on every rank) and labels [N] of a dataset."""
-        labels = self._check_dataset(dataset)
-        self.learner.eval()
-        batches = torch.arange(len(dataset)).split(self.config.eval_batch_size)
-        with self._autocast():
-            features = [self.learner.encode_image(images.to(self.device)).float()
-                        for images, _ in self._loader(dataset, batches)]
-        return torch.cat(features), labels.to(self.device)
+            out.append(torch.cat(chunks))
+        return torch.stack(out)
 
     def _loader(self, dataset, batches):
         return DataLoader(dataset, batch_sampler=[b.tolist() for b in batches], num_workers=self.config.num_workers,
