@@ -210,3 +210,19 @@ def test_trainer_learns_a_multitask_toy(cache, vit_clip, tmp_path):
     loaded = promptkit.load_pretrained(tmp_path, vit_clip)
     assert loaded.tasks == data.tasks
     assert promptkit.PromptTrainer(loaded, config).evaluate(data)["top1"] == metrics["top1"]
+
+
+def test_cli_train_starts_from_a_source(vit_clip, tmp_path):
+    from promptkit.checkpoint import load_tensors
+    from promptkit.cli import main
+
+    source = promptkit.create_learner("mvlpt", vit_clip, ["cat", "dog", "car", "bus"], n_ctx=4, tasks=TASKS, seed=4)
+    source.save_pretrained(tmp_path / "source")
+    out = tmp_path / "target"
+    assert main(["train", "--arch", "test-vit", "--data", "procedural", "--classes", "novel", "--shots", "1",
+                 "--protocol", "few-shot", "--method", "mvlpt", "--init-from", str(tmp_path / "source"), "--out",
+                 str(out), "epochs=1", "n_ctx=4", "lr=0", "warmup_lr=0", "weight_decay=0", "progress=false"]) == 0
+    assert torch.equal(load_tensors(out / "prompts" / "prompt_weights.safetensors")["ctx"], source.ctx.detach())
+    assert main(["train", "--arch", "test-vit", "--data", "procedural", "--classes", "novel", "--shots", "1",
+                 "--method", "coop", "--init-from", str(tmp_path / "source"), "--out", str(tmp_path / "x"),
+                 "n_ctx=4"]) == 2
