@@ -82,8 +82,8 @@ class MVLPT(PromptLearner):
     `ln_pre` (VPT here, from MaPLe's baseline, inserts them before it), and deep tokens replace those of the
     previous layer at each later block. The code scores multi-task batches on the CoOp datasets against the
     union of all tasks' classes (its per-task selection, `MULTITASK_LABEL_PERTASK`, is off there and multiplies
-    the other tasks' logits by 0 where on); here a multi-task learner scores each sample against its own task's
-    classes only, as the paper describes.
+    the other tasks' logits by 0 where on, so they still enter the softmax); here a multi-task learner scores each
+    sample against its own task's classes only.
 
     Args:
         clip: the frozen model.
