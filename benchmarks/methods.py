@@ -18,6 +18,8 @@ import torch
 SETUP = {"promptsrc": {"templates": ["itap of a {}.", "a bad photo of the {}.", "a origami {}.",
                                      "a photo of the large {}.", "a {} in a video game.", "art of the {}.",
                                      "a photo of the small {}."]}}
+# Methods with several prompt types: one row each.
+VARIANTS = {"mvlpt": [{"prompt": "text"}, {"prompt": "visual"}, {"prompt": "unified"}]}
 
 
 def worker(cfg: dict) -> dict:
@@ -28,7 +30,8 @@ def worker(cfg: dict) -> dict:
     images = torch.randn(cfg["batch"], 3, size, size, device=device)
     labels = torch.arange(cfg["batch"], device=device) % cfg["classes"]
     start = time.perf_counter()
-    learner = promptkit.create_learner(cfg["method"], clip, names, **SETUP.get(cfg["method"], {})).to(device)
+    learner = promptkit.create_learner(cfg["method"], clip, names, **SETUP.get(cfg["method"], {}),
+                                       **cfg.get("kwargs", {})).to(device)
     setup = time.perf_counter() - start
     cached, params = not learner.image_prompted, learner.prompt_parameters()
     with torch.no_grad():
@@ -80,12 +83,15 @@ def main():
 
     rows = []
     for method in args.methods or promptkit.list_methods():
-        r = run_isolated(__file__, dict(method=method, arch=args.arch, classes=args.classes, batch=args.batch,
-                                        iters=args.iters, device=args.device, threads=args.threads))
-        rows.append({"method": method, "s/iter": r["s_per_iter"], "peak MB": r["peak_mb"],
-                     "prompt params": r["params"], "image-feature cache": "yes" if r["cache"] else "no",
-                     "set-up s (once)": r["setup_s"]})
-        print(json.dumps(rows[-1]), flush=True)
+        for kwargs in VARIANTS.get(method, [{}]):
+            r = run_isolated(__file__, dict(method=method, kwargs=kwargs, arch=args.arch, classes=args.classes,
+                                            batch=args.batch, iters=args.iters, device=args.device,
+                                            threads=args.threads))
+            label = " ".join([method, *(f"{k}={v}" for k, v in kwargs.items())])
+            rows.append({"method": label, "s/iter": r["s_per_iter"], "peak MB": r["peak_mb"],
+                         "prompt params": r["params"], "image-feature cache": "yes" if r["cache"] else "no",
+                         "set-up s (once)": r["setup_s"]})
+            print(json.dumps(rows[-1]), flush=True)
     print(f"\n{args.arch}, C={args.classes}, batch {args.batch}, {args.device}; promptsrc with the 7-template "
           f"ensemble. Machine: {machine()}\n")
     print(table(rows, list(rows[0])))
