@@ -103,16 +103,17 @@ def adapt_dataset(adapter, dataset, batch_size: int = 16, indices=None, out=None
         finished = [b for b in mine if b in done]
         if finished != mine[:len(finished)]:
             raise ValueError(f"{out} is damaged: stream {rank} has batches {finished} but not all before them")
-        if finished:
-            adapter.load_stream_state(load_tensors(out / "streams" / f"{finished[-1]:08d}.safetensors"))
+        state = out / "streams" / f"{finished[-1]:08d}.safetensors" if finished else None
+        if state is not None:
+            adapter.load_stream_state(load_tensors(state))
         todo = mine[len(finished):]
     else:
-        todo = [b for b in range(len(batches)) if b not in done][rank::world]
+        state, todo = None, [b for b in range(len(batches)) if b not in done][rank::world]
     device = adapter.learner.clip.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     computed = _adapt_batches(adapter, dataset, batches, todo, out, top_k, workers,
-                              progress and distributed.is_main(), description, stream)
+                              progress and distributed.is_main(), description, stream, state)
     adapted_seconds = time.time() - start
     predictions = {name: distributed.gather_cat(computed[name].to(device)).cpu() for name in FIELDS}
     for batch in sorted(done):  # read back on every rank, so that every rank returns the whole result
@@ -124,7 +125,7 @@ def adapt_dataset(adapter, dataset, batch_size: int = 16, indices=None, out=None
     adapted = len(order) - sum(len(batches[b]) for b in done)
     peak = _peak_memory_mb(device)
     peak = float(distributed.gather_cat(torch.tensor([peak], device=device)).max())
-    metrics = classification_metrics(_logits(predictions, n_classes), predictions["label"])
+    metrics = classification_metrics(logits_from_predictions(predictions, n_classes), predictions["label"])
     return {**metrics, "adapted": adapted, "resumed": len(order) - adapted, "seconds": time.time() - start,
             "images_per_s": adapted / adapted_seconds if adapted else None,
             "seconds_per_image": adapted_seconds / adapted if adapted else None,
@@ -172,21 +173,17 @@ def _open_run(out: Path, config: dict, resume: bool, n_batches: int, rank: int) 
     return done
 
 
-def _adapt_batches(adapter, dataset, batches, todo, out, top_k, workers, progress, description, stream) -> dict:
+def _adapt_batches(adapter, dataset, batches, todo, out, top_k, workers, progress, description, stream,
+                   previous_state) -> dict:
+    """Adapts the batches `todo`, storing each in `out` (with the stream's state, replacing `previous_state`)."""
     rows = {name: [] for name in FIELDS}
     loader = DataLoader(dataset, batch_sampler=[batches[b] for b in todo], num_workers=workers,
                         collate_fn=_collate)  # decoding overlaps adaptation
-    previous_state = None
     with tqdm(total=sum(len(batches[b]) for b in todo), desc=description, unit="img", disable=not progress,
               dynamic_ncols=True) as bar:  # tqdm shows images/s and the time left; closed on errors too
         for batch, (images, labels) in zip(todo, loader):
             adapter.generator.manual_seed(_batch_seed(adapter.seed, batch))
-            logits = adapter(images).detach().float().cpu()
-            labels = torch.tensor(labels)
-            top = logits.topk(top_k, dim=1)
-            record = {"index": torch.tensor(batches[batch]), "label": labels, "topk_classes": top.indices,
-                      "topk_logits": top.values, "logsumexp": logits.logsumexp(1),
-                      "label_logit": logits.gather(1, labels[:, None])[:, 0]}
+            record = predictions_of(adapter(images), torch.tensor(labels), torch.tensor(batches[batch]), top_k)
             if out is not None:
                 # The stream's state first: a kill between the two files leaves a state that no finished batch
                 # names, which a resume ignores; the batch file is the commit.
@@ -200,7 +197,7 @@ def _adapt_batches(adapter, dataset, batches, todo, out, top_k, workers, progres
                     previous_state = state
             for name in FIELDS:
                 rows[name].append(record[name])
-            bar.update(len(labels))
+            bar.update(len(record["label"]))
     empty = {"index": (0,), "label": (0,), "topk_classes": (0, top_k), "topk_logits": (0, top_k),
              "logsumexp": (0,), "label_logit": (0,)}
     dtypes = {"index": torch.long, "label": torch.long, "topk_classes": torch.long}
@@ -208,7 +205,15 @@ def _adapt_batches(adapter, dataset, batches, todo, out, top_k, workers, progres
             for name in FIELDS}
 
 
-def _logits(predictions: dict, n_classes: int) -> torch.Tensor:
+def predictions_of(logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, top_k: int) -> dict:
+    """What is stored of logits [B, C] (the `FIELDS`): enough for every metric but ranks below `top_k`."""
+    logits = logits.detach().float().cpu()
+    top = logits.topk(top_k, dim=1)
+    return {"index": index, "label": labels, "topk_classes": top.indices, "topk_logits": top.values,
+            "logsumexp": logits.logsumexp(1), "label_logit": logits.gather(1, labels[:, None])[:, 0]}
+
+
+def logits_from_predictions(predictions: dict, n_classes: int) -> torch.Tensor:
     """Logits [N, C] with the same top-k, softmax of the top-k and of the true class, and log-sum-exp as the
     adapter's: the classes not stored share the probability left over equally. Every metric of
     `classification_metrics` but the ranks below k is then the one of the full logits (up to rounding)."""
