@@ -142,27 +142,43 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_torchrun_processes_equal_one(tmp_path):
+def test_two_torchrun_processes_equal_one(tmp_path, vit_clip, shifted):
     """`promptkit tta` under torchrun (2 CPU processes, gloo): the batches are split over the ranks and the
-    metrics and stored predictions equal one process's. TDA refuses two processes unless asked for independent
-    streams."""
+    metrics and stored predictions equal one process's. TDA with --independent-streams: rank r is a stream of
+    its own over batches r, r + 2, ..., the same as one process over those batches alone."""
     cli = ["--arch", "test-vit", "--data", "procedural", "--limit", "14", "--batch-size", "3", "--workers", "0"]
     tpt = ["tta", "--method", "tpt", *cli, "n_views=4", "augment=crop"]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    torchrun = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
     one = _run(["-m", "promptkit.cli", *tpt, "--out", str(tmp_path / "one")])
-    two = _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561", "-m",
-                "promptkit.cli", *tpt, "--out", str(tmp_path / "two")])
-    outputs = [p.communicate()[0].decode() for p in (one, two)]
-    assert one.returncode == 0 and two.returncode == 0, outputs
-    a, b = (json.loads([line for line in o.splitlines() if line.startswith("{")][-1]) for o in outputs)
+    two = _run([*torchrun, "29561", "-m", "promptkit.cli", *tpt, "--out", str(tmp_path / "two")])
+    tda = _run([*torchrun, "29562", "-m", "promptkit.cli", "tta", "--method", "tda", *cli, "--independent-streams",
+                "--out", str(tmp_path / "tda")])
+    outputs = [p.communicate()[0].decode() for p in (one, two, tda)]
+    assert one.returncode == 0 and two.returncode == 0 and tda.returncode == 0, outputs
+    a, b, _ = (json.loads([line for line in o.splitlines() if line.startswith("{")][-1]) for o in outputs)
     assert (a["ranks"], b["ranks"], b["n"]) == (1, 2, 14)
-    assert {k: v for k, v in a.items() if k in ("top1", "top5", "ece", "n")} == \
-           {k: v for k, v in b.items() if k in ("top1", "top5", "ece", "n")}
+    assert {k: a[k] for k in ("top1", "top5", "ece", "n")} == {k: b[k] for k in ("top1", "top5", "ece", "n")}
     for batch in range(5):
         x, y = (load_tensors(tmp_path / d / "batches" / f"{batch:08d}.safetensors") for d in ("one", "two"))
         assert all(torch.equal(x[k], y[k]) for k in FIELDS)
-    del launch
-    tda = _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29562", "-m",
-                "promptkit.cli", "tta", "--method", "tda", *cli])
-    output = tda.communicate()[0].decode()
-    assert tda.returncode != 0 and "is a stream" in output and "--independent-streams" in output
+    order = torch.randperm(len(shifted), generator=torch.Generator().manual_seed(0))[:14].tolist()
+    batches = [order[i:i + 3] for i in range(0, 14, 3)]
+    for rank in (0, 1):
+        learner = promptkit.ZeroShotCLIP(vit_clip, shifted.classnames, templates=("a photo of a {}.",))
+        alone = promptkit.adapt_dataset(promptkit.TDA(learner), shifted, batch_size=3, progress=False,
+                                        indices=[i for b in batches[rank::2] for i in b])["predictions"]
+        stored = [load_tensors(tmp_path / "tda" / "batches" / f"{b:08d}.safetensors") for b in range(rank, 5, 2)]
+        torch.testing.assert_close(torch.cat([s["topk_logits"] for s in stored]), alone["topk_logits"],
+                                   rtol=0, atol=1e-5)
+
+
+def test_cli_refuses_a_stream_over_several_processes(monkeypatch, capsys):
+    """TDA under torchrun without --independent-streams: one line saying why and what to do, before the model loads."""
+    from promptkit.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["tta", "--method", "tda", "--arch", "test-vit", "--data", "procedural"]) == 2
+    err = capsys.readouterr().err
+    assert "TDA is a stream" in err and "--independent-streams" in err and err.count("\n") == 1
+    assert main(["tta", "--method", "tpt", "--arch", "test-vit", "--data", "procedural", "--resume"]) == 2
+    assert "--resume continues the run in --out DIR" in capsys.readouterr().err

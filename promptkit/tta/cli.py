@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from ..training.config import parse_overrides
     from . import TDA  # noqa: F401  (registers the adapters)
     from .defaults import adapter_defaults, classifier_templates
-    from .runner import adapt_dataset
+    from .runner import adapt_dataset, check_ranks
 
     adapter_cls = ADAPTERS.get(args.method)
     adapter_defaults(adapter_cls.method, args.dataset)  # an unknown dataset name fails before the model loads
@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
         if key not in keywords:
             raise ValueError(f"unknown key {key!r}; {args.method} keywords: {', '.join(keywords)}")
         check_value(key, value, keywords[key], args.method)
+    check_ranks(adapter_cls, int(os.environ.get("WORLD_SIZE", "1")), args.independent_streams)
     if args.resume and not args.out:
         raise ValueError("--resume continues the run in --out DIR: pass --out too")
     splits = has_splits(args)

@@ -78,11 +78,7 @@ def adapt_dataset(adapter, dataset, batch_size: int = 16, indices=None, out=None
     start = time.time()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     stream = not adapter.episodic
-    if stream and world > 1 and not independent_streams:
-        raise ValueError(f"{type(adapter).__name__} is a stream (its caches depend on every image before), so "
-                         f"{world} ranks cannot give the one-stream result. Run it in one process, or pass "
-                         f"independent_streams=True (CLI: --independent-streams) for one independent stream "
-                         f"per rank, each over 1/{world} of the batches.")
+    check_ranks(type(adapter), world, independent_streams)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n_classes = adapter.learner.n_classes
@@ -132,6 +128,15 @@ def adapt_dataset(adapter, dataset, batch_size: int = 16, indices=None, out=None
             "peak_memory_mb": peak, "ranks": world, "predictions": predictions}
 
 
+def check_ranks(adapter_cls, world: int, independent_streams: bool) -> None:
+    """Refuses a stream adapter over several ranks unless independent streams were asked for."""
+    if not adapter_cls.episodic and world > 1 and not independent_streams:
+        raise ValueError(f"{adapter_cls.__name__} is a stream (what it predicts depends on every image before), so "
+                         f"{world} processes cannot give the one-stream result. Run it in one process, or pass "
+                         f"--independent-streams (independent_streams=True) for one independent stream per "
+                         f"process, each over 1/{world} of the batches.")
+
+
 def run_config(adapter, dataset, order, batch_size: int, top_k: int, streams: int | None) -> dict:
     """What a run in `out` is, as JSON: a resume must match it in every key."""
     from ..training.cli import keyword_types
@@ -154,7 +159,9 @@ def run_config(adapter, dataset, order, batch_size: int, top_k: int, streams: in
 def _open_run(out: Path, config: dict, resume: bool, n_batches: int, rank: int) -> dict:
     """Checks or starts the run in `out`; returns {batch number: file} of the finished batches."""
     saved_path = out / "config.json"
-    if saved_path.exists():
+    exists = saved_path.exists()
+    _barrier()  # every rank has looked before rank 0 writes: all ranks take the same branch
+    if exists:
         if not resume:
             raise FileExistsError(f"{out} already holds a TTA run; pass --resume (resume=True) to continue it, "
                                   f"or choose another output directory")
