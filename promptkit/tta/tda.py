@@ -65,7 +65,8 @@ class TDA(ViewAdapter):
 
     Defaults are TDA's ImageNet configuration (`configs/imagenet.yaml`, one view per image); its other
     datasets change `pos_alpha`/`pos_beta` (e.g. ImageNet-R and -V 1.0/8.0). Caches persist across
-    calls, so feed one dataset as one stream and call `reset()` before the next.
+    calls, so feed one dataset as one stream and call `reset()` before the next; `stream_state()` /
+    `load_stream_state()` save and restore them (`adapt_dataset` resumes a stream from them).
 
     Args:
         learner: any learner (its text side is fixed).
