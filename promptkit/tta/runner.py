@@ -53,7 +53,7 @@ def adapt_dataset(adapter, dataset, batch_size: int = 16, indices=None, out=None
         adapter: a test-time adapter (`ViewAdapter`: TPT, CTPT, Zero, TDA).
         dataset: (image, label) pairs; images as PIL images or preprocessed tensors [3, H, W].
         batch_size: images adapted at once; part of the run's identity (it decides the batches).
-        indices: the dataset indices to adapt, in order (default: all, in dataset order).
+        indices: the dataset indices to adapt, distinct, in order (default: all, in dataset order).
         out: directory for the per-batch predictions (on a file system every rank sees), or None to keep
             them in memory only.
         resume: continue the run in `out`: finished batches are read back, not recomputed. The run must be
@@ -88,6 +88,9 @@ def adapt_dataset(adapter, dataset, batch_size: int = 16, indices=None, out=None
     order = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
     if not order:
         raise ValueError("no images to adapt (empty dataset or indices)")
+    if len(set(order)) != len(order):
+        raise ValueError(f"indices repeat images ({len(order)} indices, {len(set(order))} distinct): each image is "
+                         f"adapted and scored once; pass distinct indices")
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     out = Path(out) if out is not None else None
     done = {}
