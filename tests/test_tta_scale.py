@@ -28,7 +28,8 @@ def shifted():
 
 
 def _tpt(clip, data, **kw):
-    return promptkit.TPT(promptkit.CoOp(clip, data.classnames, ctx_init="a photo of a"), n_views=4, augment="crop", **kw)
+    learner = promptkit.CoOp(clip, data.classnames, ctx_init="a photo of a")
+    return promptkit.TPT(learner, n_views=4, augment="crop", **kw)
 
 
 def _tda(clip, data):
