@@ -12,7 +12,7 @@ from .registry import (create_adapter, create_learner, create_objective, list_ad
                        register_adapter, register_method, register_objective)
 from .templates import IMAGENET_TEMPLATES, IMAGENET_TEMPLATES_7, get_templates
 from .training import PromptTrainer, TrainConfig
-from .tta import CTPT, TDA, TPT, Zero
+from .tta import CTPT, TDA, TPT, Zero, adapt_dataset
 from .weights import debias, ensemble_logits, interpolate, patch, soup
 
 __all__ = [
@@ -23,7 +23,7 @@ __all__ = [
     "register_method", "register_adapter", "load_pretrained",
     "import_coop_checkpoint",
     "PromptTrainer", "TrainConfig", "classification_metrics",
-    "TPT", "CTPT", "Zero", "TDA",
+    "TPT", "CTPT", "Zero", "TDA", "adapt_dataset",
     "Hook", "inject",
     "IMAGENET_TEMPLATES", "IMAGENET_TEMPLATES_7", "get_templates",
     "interpolate", "ensemble_logits", "soup", "patch", "debias",

@@ -34,7 +34,8 @@ def views():
 def test_adapter_contract(name, method, vit_clip, classnames, views):
     """Either a refusal that names the learner and an adapter that takes it, or: logits [B, C], the learner and
     the frozen CLIP bitwise unchanged with no hook or gradient left, batched = one image at a time (a fresh
-    stream fed image by image, in order, for stream adapters), and episodic adapters carry nothing over."""
+    stream fed image by image, in order, for stream adapters), episodic adapters carry nothing over, and a stream
+    resumed from its `stream_state()` continues as the uninterrupted one."""
     torch.manual_seed(0)
     learner = build(method, vit_clip, classnames)
     try:
@@ -55,6 +56,11 @@ def test_adapter_contract(name, method, vit_clip, classnames, views):
     torch.testing.assert_close(batched, sequential, atol=1e-4, rtol=0)
     if adapter.episodic:
         torch.testing.assert_close(adapter.adapt_views(views), batched, atol=1e-6, rtol=0)
+    else:  # a stream continues from its saved state as if never stopped (what `adapt_dataset` resumes from)
+        first, resumed = make(name, learner), make(name, learner)
+        first.adapt_views(views[:1])
+        resumed.load_stream_state({k: v.clone() for k, v in first.stream_state().items()})
+        torch.testing.assert_close(resumed.adapt_views(views[1:]), batched[1:], atol=1e-4, rtol=0)
     after = learner.prompt_state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
     assert all(p.grad is None for p in learner.prompt_parameters())

@@ -109,6 +109,16 @@ class ViewAdapter(nn.Module):
             return contextlib.nullcontext()
         return torch.autocast(self.learner.clip.device.type, dtype=dtype)
 
+    def stream_state(self) -> dict[str, torch.Tensor]:
+        """What a stream adapter (`episodic` False) has learned so far, as tensors, to resume the stream later
+        (`adapt_dataset` saves it with each batch)."""
+        raise NotImplementedError(f"{type(self).__name__} is a stream (episodic=False): define stream_state() and "
+                                  f"load_stream_state() so that a run over a dataset can be saved and resumed")
+
+    def load_stream_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Continues the stream from a `stream_state()`."""
+        raise NotImplementedError(f"{type(self).__name__} is a stream (episodic=False) without load_stream_state()")
+
     @torch.no_grad()
     def text_features(self) -> torch.Tensor:
         """The learner's class text features [C, D] (fp32), encoded once per state of its prompts: an

@@ -1,16 +1,15 @@
-"""`promptkit tta`: test-time adaptation over a dataset; prints top-1, top-5 and ECE."""
+"""`promptkit tta`: test-time adaptation over a dataset; prints top-1, top-5, ECE, seconds per image and peak
+memory as one JSON line. Under `torchrun` the batches are shared out over the ranks (`runner.adapt_dataset`)."""
 from __future__ import annotations
 
 import argparse
 import json
-import time
+import os
 
 import torch
-from torch.utils.data import DataLoader, Subset
-from tqdm.auto import tqdm
 
-from ..training.cli import (_folder, add_load_args, add_model_and_data_args, check_value, has_splits, keyword_types,
-                            load_model, load_split)
+from ..training.cli import (_device, _folder, add_load_args, add_model_and_data_args, check_value, has_splits,
+                            keyword_types, load_model, load_split)
 
 
 def configure(parser: argparse.ArgumentParser, command: str) -> None:
@@ -24,17 +23,26 @@ def configure(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--dataset", default=None,
                         help="the authors' settings for this dataset (e.g. imagenet, imagenet_a, dtd): views, "
                              "lambda, caches, classifier templates; default: the adapter's own defaults")
+    parser.add_argument("--out", default=None,
+                        help="directory for the predictions, written batch by batch (top-k logits, label), so that "
+                             "--resume can continue a killed run")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out: finished batches are read back, not adapted again")
+    parser.add_argument("--independent-streams", action="store_true",
+                        help="TDA under torchrun: one independent stream (own caches) per rank, over 1/N of the "
+                             "batches; without it TDA refuses more than one process")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="adapter keywords, e.g. steps=1 n_views=64")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import load_pretrained
     from ..learners import CoOp, ZeroShotCLIP
-    from ..metrics import classification_metrics
     from ..registry import ADAPTERS, create_adapter
+    from ..training import distributed
     from ..training.config import parse_overrides
     from . import TDA  # noqa: F401  (registers the adapters)
     from .defaults import adapter_defaults, classifier_templates
+    from .runner import adapt_dataset, check_ranks
 
     adapter_cls = ADAPTERS.get(args.method)
     adapter_defaults(adapter_cls.method, args.dataset)  # an unknown dataset name fails before the model loads
@@ -43,8 +51,15 @@ def run(args: argparse.Namespace) -> int:
         if key not in keywords:
             raise ValueError(f"unknown key {key!r}; {args.method} keywords: {', '.join(keywords)}")
         check_value(key, value, keywords[key], args.method)
+    check_ranks(adapter_cls, int(os.environ.get("WORLD_SIZE", "1")), args.independent_streams)
+    if args.resume and not args.out:
+        raise ValueError("--resume continues the run in --out DIR: pass --out too")
     splits = has_splits(args)
-    clip = load_model(args)
+    device = _device(args.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device == "cuda":  # torchrun: one GPU per local rank
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    clip = load_model(argparse.Namespace(**{**vars(args), "device": device}))
+    distributed.setup(clip.device)
     split = args.split or ("shifted" if args.data == "procedural" else "test")
     # Image files reach the adapter as PIL images: as in TPT, crops are cut from the full-resolution photo.
     dataset = load_split(args, clip, split, photos=True) if splits else _folder(args, clip, photos=True)
@@ -59,23 +74,18 @@ def run(args: argparse.Namespace) -> int:
     except TypeError as err:  # a learner TPT cannot tune: a user mistake
         raise ValueError(f"{args.method}: {err}") from err
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:args.limit].tolist()
-    loader = DataLoader(Subset(dataset, order), batch_size=args.batch_size, num_workers=args.workers,
-                        collate_fn=_collate)  # decoding overlaps adaptation
-    logits, labels, start = [], [], time.time()
-    with tqdm(total=len(order), desc=f"{args.method} on {split}", unit="img") as bar:  # closed on errors too
-        for images, targets in loader:
-            logits.append(adapter(images).detach().float().cpu())
-            labels += targets
-            bar.update(len(targets))  # tqdm shows images/s
-    metrics = classification_metrics(torch.cat(logits), torch.tensor(labels))
-    seconds = time.time() - start
-    print(json.dumps({"method": args.method, "split": split, "top1": round(metrics["top1"], 2),
-                      "top5": round(metrics["top5"], 2), "ece": round(metrics["ece"], 2), "n": metrics["n"],
-                      "images_per_s": round(metrics["n"] / seconds, 2)}))
+    result = adapt_dataset(adapter, dataset, batch_size=args.batch_size, indices=order, out=args.out,
+                           resume=args.resume, workers=args.workers, independent_streams=args.independent_streams,
+                           description=f"{args.method} on {split}")
+    if distributed.is_main():
+        print(json.dumps({"method": args.method, "split": split, "top1": round(result["top1"], 2),
+                          "top5": round(result["top5"], 2), "ece": round(result["ece"], 2), "n": result["n"],
+                          "adapted": result["adapted"], "resumed": result["resumed"], "ranks": result["ranks"],
+                          "images_per_s": _round(result["images_per_s"], 2),
+                          "seconds_per_image": _round(result["seconds_per_image"], 4),
+                          "peak_memory_mb": round(result["peak_memory_mb"], 1)}))
     return 0
 
 
-def _collate(samples):
-    """PIL images stay a list (the adapter preprocesses them); tensors are stacked."""
-    images, targets = zip(*samples)
-    return (torch.stack(images) if torch.is_tensor(images[0]) else list(images)), [int(t) for t in targets]
+def _round(value, digits):
+    return None if value is None else round(value, digits)

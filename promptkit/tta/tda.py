@@ -65,7 +65,8 @@ class TDA(ViewAdapter):
 
     Defaults are TDA's ImageNet configuration (`configs/imagenet.yaml`, one view per image); its other
     datasets change `pos_alpha`/`pos_beta` (e.g. ImageNet-R and -V 1.0/8.0). Caches persist across
-    calls, so feed one dataset as one stream and call `reset()` before the next.
+    calls, so feed one dataset as one stream and call `reset()` before the next; `stream_state()` /
+    `load_stream_state()` save and restore them (`adapt_dataset` resumes a stream from them).
 
     Args:
         learner: any learner (its text side is fixed).
@@ -97,6 +98,32 @@ class TDA(ViewAdapter):
         """Empties both caches (they are allocated by the next image)."""
         self.positive: FeatureCache | None = None
         self.negative: FeatureCache | None = None
+
+    def stream_state(self) -> dict[str, torch.Tensor]:
+        """Both caches as tensors (none before the first image)."""
+        if self.positive is None:
+            return {}
+        state = {f"{name}.{field}": getattr(cache, field) for name, cache in
+                 (("positive", self.positive), ("negative", self.negative)) for field in ("entropy", "keys")}
+        return {**state, "negative.values": self.negative.values}
+
+    def load_stream_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Continues from the caches of a `stream_state()`."""
+        self.reset()
+        if not state:
+            return
+        device = self.learner.clip.device
+        (n_classes, pos_shots, dim), neg_shots = state["positive.keys"].shape, state["negative.keys"].shape[1]
+        if (n_classes, pos_shots, neg_shots) != (self.learner.n_classes, self.pos_shots, self.neg_shots):
+            raise ValueError(f"TDA caches of {n_classes} classes with {pos_shots}/{neg_shots} shots do not fit this "
+                             f"adapter ({self.learner.n_classes} classes, pos_shots={self.pos_shots}, "
+                             f"neg_shots={self.neg_shots})")
+        self.positive = FeatureCache(n_classes, pos_shots, dim, False, device)
+        self.negative = FeatureCache(n_classes, neg_shots, dim, True, device)
+        for name, cache in (("positive", self.positive), ("negative", self.negative)):
+            for field in ("entropy", "keys", "values"):
+                if getattr(cache, field) is not None:
+                    getattr(cache, field).copy_(state[f"{name}.{field}"])
 
     @torch.no_grad()
     def adapt_views(self, views: torch.Tensor) -> torch.Tensor:
