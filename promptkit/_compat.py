@@ -15,12 +15,12 @@ import torch
 from torch import nn
 
 SUPPORTED = (
-    "open_clip `CLIP` and `CustomTextCLIP` models with open_clip's own text transformer (`TextTransformer`, "
-    "pooled at the EOT token ('argmax', 'eos'), or at the 'last' or 'first' position, causal mask or not: "
-    "OpenAI/LAION CLIP, SigLIP/SigLIP2, CLIPA) and any image tower; text-side methods (zeroshot, the CoOp family, "
-    "TPT, Zero, TDA, the feature-level heads) work on every image tower, visual and multimodal prompts (vpt, ivlp, "
-    "maple, promptsrc, cavpt) on open_clip's VisionTransformer and on timm VisionTransformer towers (`TimmModel`, "
-    "as in the SigLIP configs)"
+    "open_clip `CLIP` and `CustomTextCLIP` models whose text tower is open_clip's own `TextTransformer` (pooled at "
+    "the end-of-text token, 'argmax' or 'eos', or at the 'last' or 'first' position; causal mask or not, as "
+    "SigLIP's) with CLIP's BPE tokenizer, and any image tower. Text-side methods (zeroshot, the CoOp family, TPT, "
+    "Zero, TDA, the feature-level heads) work on every image tower (ViT, ModifiedResNet, timm towers such as "
+    "ConvNeXt); visual and multimodal prompts (vpt, ivlp, maple, promptsrc, cavpt) on open_clip's class-token-pooled "
+    "VisionTransformer and on timm VisionTransformer towers (`TimmModel`, as in the SigLIP configs)"
 )
 TEXT_POOLS = ("argmax", "eos", "last", "first")
 
@@ -81,8 +81,9 @@ def check_config(arch: str) -> None:
                         f"prompt. Supported: {SUPPORTED}.")
     if text_cfg.get("hf_tokenizer_name"):
         raise TypeError(f"{arch} uses the tokenizer {text_cfg['hf_tokenizer_name']}; promptkit builds prompts with "
-                        f"CLIP's BPE tokenizer only (SentencePiece and Hugging Face tokenizers are not supported yet). "
-                        f"Its towers are: wrap a model built with CLIP's tokenizer in FrozenCLIP. Supported: {SUPPORTED}.")
+                        f"CLIP's BPE tokenizer only (Hugging Face / SentencePiece tokenizers need the transformers "
+                        f"package and are not supported). Its towers are: FrozenCLIP wraps such a model trained with "
+                        f"CLIP's tokenizer. Supported: {SUPPORTED}.")
 
 
 def vision_kind(model: nn.Module) -> str:
@@ -131,6 +132,22 @@ class VisionSite:
     prefix_tokens: int
     batch_first: bool
     pooled: nn.Module | None
+
+
+def visual_prompt_problem(model: nn.Module) -> str | None:
+    """Why visual prompts cannot go into `model`'s image tower, or None when they can."""
+    kind = vision_kind(model)
+    if kind == "vit":
+        attn_pool, pool = getattr(model.visual, "attn_pool", None), getattr(model.visual, "pool_type", "tok")
+        if attn_pool is not None or pool != "tok":
+            # Prompt tokens would enter open_clip's pooling over tokens, which has no module to hook before it.
+            return (f"its open_clip VisionTransformer pools by {'attention' if attn_pool is not None else repr(pool)}, "
+                    f"and visual prompts are supported there with class-token pooling only")
+        return None
+    if kind == "timm_vit":
+        return None
+    trunk = getattr(model.visual, "trunk", None)
+    return f"it has {type(model.visual).__name__}" + (f" around timm's {type(trunk).__name__}" if trunk is not None else "")
 
 
 def vision_site(model: nn.Module) -> VisionSite:

@@ -133,16 +133,13 @@ class FrozenCLIP(nn.Module):
         return self.model.logit_scale.exp()
 
     def require_vit(self, what: str) -> None:
-        if self.vision_kind not in ("vit", "timm_vit"):
+        problem = _compat.visual_prompt_problem(self.model)
+        if problem:
             raise TypeError(
                 f"{what} need a ViT image tower (open_clip's VisionTransformer or a timm VisionTransformer in "
-                f"open_clip's TimmModel, as in SigLIP), but this model has {type(self.model.visual).__name__}"
-                f"{self._trunk_name()}. Use a ViT model (e.g. ViT-B-16, ViT-B-16-SigLIP) or a text-side method "
-                f"(zeroshot, coop, kgcoop, prograd, cocoop; tpt, zero, tda; the feature-level heads).")
-
-    def _trunk_name(self) -> str:
-        trunk = getattr(self.model.visual, "trunk", None)
-        return f" around timm's {type(trunk).__name__}" if trunk is not None else ""
+                f"open_clip's TimmModel, as in SigLIP), but {problem}. Use a ViT model (e.g. ViT-B-16, "
+                f"ViT-B-16-SigLIP) or a text-side method (zeroshot, coop, kgcoop, prograd, cocoop; tpt, zero, tda; "
+                f"the feature-level heads).")
 
     def signature(self) -> dict:
         """Structural identity, stored in checkpoints and compared on load."""
@@ -150,7 +147,7 @@ class FrozenCLIP(nn.Module):
             "text_width": self.text_width, "embed_dim": self.embed_dim, "context_length": self.context_length,
             "vocab_size": self.token_embedding.num_embeddings, "vision": self.vision_kind,
             "vision_width": self.vision_width, "text_layers": len(self.text_blocks),
-            "vision_layers": len(self.vision_blocks) if self.vision_kind in ("vit", "timm_vit") else None,
+            "vision_layers": len(_compat.vision_blocks(self.model)) if self.vision_kind in ("vit", "timm_vit") else None,
         }
 
     # -- tokens ------------------------------------------------------------------------------

@@ -220,3 +220,12 @@ def test_timm_tower_checkpoints_round_trip(towers, classnames, images, tmp_path)
         torch.testing.assert_close(loaded(images), maple(images), atol=0, rtol=0)
     with pytest.raises(ValueError, match="different base model"):
         promptkit.load_pretrained(tmp_path / "maple", towers["test-timm-vit"])
+
+
+def test_visual_prompts_refuse_a_builtin_vit_pooling_over_tokens(classnames):
+    """open_clip's own ViT pooled by averaging (CLIPA's) would average the prompt tokens in: refused, not wrong."""
+    model = open_clip.model.CLIP(32, dict(image_size=32, patch_size=8, width=64, layers=1, pool_type="avg"), TEXT)
+    clip = promptkit.FrozenCLIP(model)
+    with pytest.raises(TypeError, match="pools by 'avg'.*class-token pooling only"):
+        VPT(clip, classnames)
+    assert promptkit.CoOp(clip, classnames).text_features().shape == (len(classnames), 32)
