@@ -123,8 +123,9 @@ class VisionSite:
         prefix_tokens: tokens in front of the patches (class and register tokens); prompts go right after them.
         batch_first: whether the blocks see [N, L, D].
         pooled: module whose input is the sequence after the last block, where the prompt tokens are removed
-            again so that pooling over tokens ('avg', 'map' attention pooling) sees the image tokens only, or
-            None where the tower pools its class token (prompts may stay, as in the authors' code).
+            again so that pooling over tokens ('avg', 'map' attention pooling) sees the image tokens only: timm's
+            `norm` (under 'token' pooling removing them changes nothing). None for open_clip's ViT, which takes
+            visual prompts with class-token pooling only: they stay, as in the authors' code.
     """
 
     embedded: nn.Module
@@ -147,7 +148,8 @@ def visual_prompt_problem(model: nn.Module) -> str | None:
     if kind == "timm_vit":
         return None
     trunk = getattr(model.visual, "trunk", None)
-    return f"it has {type(model.visual).__name__}" + (f" around timm's {type(trunk).__name__}" if trunk is not None else "")
+    around = f" around timm's {type(trunk).__name__}" if trunk is not None else ""
+    return f"it has {type(model.visual).__name__}{around}"
 
 
 def vision_site(model: nn.Module) -> VisionSite:

@@ -21,7 +21,8 @@ TEST_MODELS = {
     "test-rn": (32, dict(image_size=32, layers=(1, 1, 1, 1), width=16, head_width=16), _TEXT),
     # timm image towers (see promptkit.tiny): a ViT with class + register tokens pooled by averaging, a
     # SigLIP-shaped pair (attention-pooled ViT without class token; text tower without causal mask, pooled at
-    # the last position; logit bias; embed_dim = tower width, as SigLIP projects neither), and a ConvNeXt (text-side methods only).
+    # the last position; logit bias; embed_dim = tower width, as SigLIP projects neither), and a ConvNeXt
+    # (text-side methods only).
     "test-timm-vit": (32, dict(image_size=32, timm_model_name="promptkit_test_vit", timm_pool="avg",
                                timm_proj="linear"), _TEXT),
     "test-siglip": (64, dict(image_size=32, timm_model_name="promptkit_test_siglip_vit", timm_pool="map",
@@ -38,7 +39,8 @@ class FrozenCLIP(nn.Module):
     """Wraps an open_clip `CLIP` model and freezes it (eval mode, no gradients).
 
     Args:
-        model: an open_clip `CLIP` with a VisionTransformer or ModifiedResNet image tower.
+        model: an open_clip `CLIP` or `CustomTextCLIP` with open_clip's text transformer and any image tower
+            (see `_compat.SUPPORTED`; visual prompts need a ViT tower).
         tokenizer: open_clip tokenizer; defaults to CLIP's BPE tokenizer (ships with open_clip).
         preprocess: image transform; defaults to open_clip's eval transform for the model.
         arch: architecture name, recorded in checkpoints when known.
@@ -147,7 +149,8 @@ class FrozenCLIP(nn.Module):
             "text_width": self.text_width, "embed_dim": self.embed_dim, "context_length": self.context_length,
             "vocab_size": self.token_embedding.num_embeddings, "vision": self.vision_kind,
             "vision_width": self.vision_width, "text_layers": len(self.text_blocks),
-            "vision_layers": len(_compat.vision_blocks(self.model)) if self.vision_kind in ("vit", "timm_vit") else None,
+            "vision_layers": (len(_compat.vision_blocks(self.model)) if self.vision_kind in ("vit", "timm_vit")
+                              else None),
         }
 
     # -- tokens ------------------------------------------------------------------------------

@@ -83,7 +83,8 @@ def test_coop_context_reaches_a_custom_text_tower(towers, classnames, images):
     clip = towers["test-siglip"]
     coop = promptkit.CoOp(clip, classnames, ctx_init="a photo of a")
     with torch.no_grad():
-        expected = F.normalize(clip.model.encode_text(clip.tokenize([f"a photo of a {c}." for c in classnames])), dim=-1)
+        tokens = clip.tokenize([f"a photo of a {c}." for c in classnames])
+        expected = F.normalize(clip.model.encode_text(tokens), dim=-1)
         torch.testing.assert_close(coop.text_features(), expected, atol=1e-5, rtol=0)
 
 
