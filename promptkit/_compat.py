@@ -2,40 +2,93 @@
 
 promptkit talks to open_clip only through the stable submodules named below
 (`token_embedding`, `positional_embedding`, `transformer.resblocks`, `ln_final`,
-`text_projection`, `attn_mask`, `visual.ln_pre`, `visual.transformer.resblocks`).
+`text_projection`, `attn_mask` of the text tower, found by `text_module`; `visual.ln_pre`,
+`visual.transformer.resblocks`) and, for timm image towers, timm VisionTransformer's
+`norm_pre`, `blocks`, `num_prefix_tokens` and `norm` (`vision_site`).
 """
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 SUPPORTED = (
-    "open_clip `CLIP` models with the built-in text transformer and a VisionTransformer "
-    "or ModifiedResNet image tower (e.g. ViT-B-32, ViT-B-16, ViT-L-14, RN50)"
+    "open_clip `CLIP` and `CustomTextCLIP` models whose text tower is open_clip's own `TextTransformer` (pooled at "
+    "the end-of-text token, 'argmax' or 'eos', or at the 'last' or 'first' position; causal mask or not, as "
+    "SigLIP's) with CLIP's BPE tokenizer, and any image tower. Text-side methods (zeroshot, the CoOp family, TPT, "
+    "Zero, TDA, the feature-level heads) work on every image tower (ViT, ModifiedResNet, timm towers such as "
+    "ConvNeXt); visual and multimodal prompts (vpt, ivlp, maple, promptsrc, cavpt) on open_clip's class-token-pooled "
+    "VisionTransformer and on timm VisionTransformer towers (`TimmModel`, as in the SigLIP configs)"
 )
+TEXT_POOLS = ("argmax", "eos", "last", "first")
+
+
+def text_module(model: nn.Module) -> nn.Module:
+    """The module holding the text tower's `token_embedding`, `positional_embedding`, `transformer`, `ln_final`,
+    `text_projection` and `attn_mask`: the model itself for `CLIP` (which copies them out of its
+    `TextTransformer`), `model.text` for `CustomTextCLIP`."""
+    text = getattr(model, "text", None)
+    return model if text is None else text
+
+
+def text_pool(model: nn.Module) -> str:
+    text = getattr(model, "text", None)
+    return text.pool_type if text is not None else getattr(model, "text_pool_type", "argmax")
+
+
+def text_is_causal(model: nn.Module) -> bool:
+    """Whether the text tower masks attention causally. Only then does a position's hidden state not depend
+    on later positions, so that encoding a prompt up to its pooled token (truncation) or a shared prefix once
+    (prefix caching) gives the same numbers as the full sequence; without it (SigLIP) every prompt is encoded
+    over the whole context."""
+    return text_module(model).attn_mask is not None
 
 
 def check_supported(model: nn.Module) -> None:
-    """Raises a TypeError naming what is supported when `model` is not a plain open_clip CLIP."""
-    needed = ("token_embedding", "positional_embedding", "transformer", "ln_final", "visual")
-    missing = [name for name in needed if not hasattr(model, name)]
-    if missing:
-        raise TypeError(
-            f"promptkit cannot wrap {type(model).__name__}: it has no {', '.join(missing)} "
-            f"(models with a Hugging Face or custom text tower are not supported). "
-            f"Supported: {SUPPORTED}."
-        )
-    pool = getattr(model, "text_pool_type", "argmax")
-    if pool not in ("argmax", "eos"):
-        raise TypeError(f"text_pool_type={pool!r} is not supported (need 'argmax' or 'eos'). Supported: {SUPPORTED}.")
-    if vision_kind(model) == "other":
-        raise TypeError(f"image tower {type(model.visual).__name__} is not supported. Supported: {SUPPORTED}.")
+    """Raises a TypeError naming what is supported when promptkit cannot drive `model`'s text tower.
+    Any image tower is accepted here; methods that prompt it check `vision_kind` themselves."""
+    from open_clip.transformer import TextTransformer
+
+    name = type(model).__name__
+    text = getattr(model, "text", None)
+    if text is not None and not isinstance(text, TextTransformer):
+        raise TypeError(f"promptkit cannot wrap {name}: its text tower is {type(text).__name__} (e.g. a Hugging "
+                        f"Face encoder), which promptkit cannot prompt. Supported: {SUPPORTED}.")
+    needed = ("token_embedding", "positional_embedding", "transformer", "ln_final")
+    missing = [part for part in needed if not hasattr(text_module(model), part)]
+    if missing or not hasattr(model, "visual"):
+        raise TypeError(f"promptkit cannot wrap {name}: it has no {', '.join(missing or ['visual'])}. "
+                        f"Supported: {SUPPORTED}.")
+    pool = text_pool(model)
+    if pool not in TEXT_POOLS:
+        raise TypeError(f"text pool_type={pool!r} is not supported (need one of {TEXT_POOLS}). Supported: {SUPPORTED}.")
+    if text is not None and (text.cls_emb is not None or text.use_pad_mask):
+        raise TypeError(f"promptkit cannot wrap {name}: its text tower "
+                        f"{'appends a class token (CoCa)' if text.cls_emb is not None else 'masks padding'}, "
+                        f"which promptkit's text path does not reproduce. Supported: {SUPPORTED}.")
+
+
+def check_config(arch: str) -> None:
+    """Refuses, before building, an open_clip architecture whose text side promptkit cannot drive: a Hugging Face
+    text tower, or a tokenizer other than CLIP's BPE (SigLIP's SentencePiece/Gemma, MobileCLIP2's, ...)."""
+    import open_clip
+
+    text_cfg = (open_clip.get_model_config(arch) or {}).get("text_cfg", {})
+    if text_cfg.get("hf_model_name"):
+        raise TypeError(f"{arch} has a Hugging Face text tower ({text_cfg['hf_model_name']}), which promptkit cannot "
+                        f"prompt. Supported: {SUPPORTED}.")
+    if text_cfg.get("hf_tokenizer_name"):
+        raise TypeError(f"{arch} uses the tokenizer {text_cfg['hf_tokenizer_name']}; promptkit builds prompts with "
+                        f"CLIP's BPE tokenizer only (Hugging Face / SentencePiece tokenizers need the transformers "
+                        f"package and are not supported). Its towers are: FrozenCLIP wraps such a model trained with "
+                        f"CLIP's tokenizer. Supported: {SUPPORTED}.")
 
 
 def vision_kind(model: nn.Module) -> str:
-    """'vit', 'modified_resnet' or 'other'."""
+    """'vit' (open_clip's VisionTransformer), 'modified_resnet', 'timm_vit' (open_clip's `TimmModel` around a
+    timm VisionTransformer) or 'other' (any other tower: text-side methods only)."""
     from open_clip.modified_resnet import ModifiedResNet
     from open_clip.transformer import VisionTransformer
 
@@ -43,7 +96,71 @@ def vision_kind(model: nn.Module) -> str:
         return "vit"
     if isinstance(model.visual, ModifiedResNet):
         return "modified_resnet"
+    if _timm_vit(model.visual) is not None:
+        return "timm_vit"
     return "other"
+
+
+def _timm_vit(visual: nn.Module):
+    """The timm VisionTransformer inside an open_clip `TimmModel`, else None."""
+    try:
+        from open_clip.timm_model import TimmModel
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError:  # no timm: no timm towers either
+        return None
+    trunk = getattr(visual, "trunk", None)
+    return trunk if isinstance(visual, TimmModel) and isinstance(trunk, VisionTransformer) else None
+
+
+@dataclass(frozen=True)
+class VisionSite:
+    """Where visual prompts enter a ViT image tower.
+
+    Attributes:
+        embedded: module whose input is the token sequence after patch and position embedding (a pre-hook there
+            inserts the prompt tokens, which carry no position): open_clip's `ln_pre`, timm's `norm_pre`.
+        blocks: the transformer blocks (pre-hooks there replace deep prompts).
+        prefix_tokens: tokens in front of the patches (class and register tokens); prompts go right after them.
+        batch_first: whether the blocks see [N, L, D].
+        pooled: module whose input is the sequence after the last block, where the prompt tokens are removed
+            again so that pooling over tokens ('avg', 'map' attention pooling) sees the image tokens only: timm's
+            `norm` (under 'token' pooling removing them changes nothing). None for open_clip's ViT, which takes
+            visual prompts with class-token pooling only: they stay, as in the authors' code.
+    """
+
+    embedded: nn.Module
+    blocks: nn.ModuleList
+    prefix_tokens: int
+    batch_first: bool
+    pooled: nn.Module | None
+
+
+def visual_prompt_problem(model: nn.Module) -> str | None:
+    """Why visual prompts cannot go into `model`'s image tower, or None when they can."""
+    kind = vision_kind(model)
+    if kind == "vit":
+        attn_pool, pool = getattr(model.visual, "attn_pool", None), getattr(model.visual, "pool_type", "tok")
+        if attn_pool is not None or pool != "tok":
+            # Prompt tokens would enter open_clip's pooling over tokens, which has no module to hook before it.
+            return (f"its open_clip VisionTransformer pools by {'attention' if attn_pool is not None else repr(pool)}, "
+                    f"and visual prompts are supported there with class-token pooling only")
+        return None
+    if kind == "timm_vit":
+        return None
+    trunk = getattr(model.visual, "trunk", None)
+    around = f" around timm's {type(trunk).__name__}" if trunk is not None else ""
+    return f"it has {type(model.visual).__name__}{around}"
+
+
+def vision_site(model: nn.Module) -> VisionSite:
+    kind = vision_kind(model)
+    if kind == "vit":
+        visual = model.visual
+        return VisionSite(visual.ln_pre, visual.transformer.resblocks, 1, batch_first(visual.transformer), None)
+    if kind == "timm_vit":
+        trunk = _timm_vit(model.visual)
+        return VisionSite(trunk.norm_pre, trunk.blocks, trunk.num_prefix_tokens, True, trunk.norm)
+    raise TypeError(f"image tower {type(model.visual).__name__} takes no visual prompts")
 
 
 _LAYOUT: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
@@ -86,53 +203,76 @@ def batch_first(transformer: nn.Module) -> bool:
 
 
 def text_blocks(model: nn.Module) -> nn.ModuleList:
-    return model.transformer.resblocks
+    return text_module(model).transformer.resblocks
 
 
 def vision_blocks(model: nn.Module) -> nn.ModuleList:
-    return model.visual.transformer.resblocks
+    return vision_site(model).blocks
 
 
 def vision_width(model: nn.Module) -> int:
-    if vision_kind(model) == "vit":
+    kind = vision_kind(model)
+    if kind == "vit":
         return model.visual.conv1.out_channels
-    return model.visual.attnpool.c_proj.in_features
+    if kind == "timm_vit":
+        return _timm_vit(model.visual).embed_dim
+    if kind == "modified_resnet":
+        return model.visual.attnpool.c_proj.in_features
+    return getattr(getattr(model.visual, "trunk", None), "num_features", None)
+
+
+def patch_size(model: nn.Module) -> int:
+    kind = vision_kind(model)
+    size = _timm_vit(model.visual).patch_embed.patch_size if kind == "timm_vit" else model.visual.patch_size
+    return size[0] if isinstance(size, (tuple, list)) else size
 
 
 def embed_dim(model: nn.Module) -> int:
-    proj = model.text_projection
+    text = text_module(model)
+    proj = text.text_projection
     if proj is None:
-        return model.token_embedding.embedding_dim
+        return text.token_embedding.embedding_dim
     return proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1]
 
 
 def cast_dtype(model: nn.Module) -> torch.dtype:
-    return model.transformer.get_cast_dtype()
+    return text_module(model).transformer.get_cast_dtype()
 
 
 def eot_index(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """Position of the pooled (end-of-text) token of each row, as open_clip pools it."""
-    if getattr(model, "text_pool_type", "argmax") == "eos":
-        return (tokens == model.text_eos_id).int().argmax(dim=-1)
+    """Position of the pooled token of each row, as open_clip pools it ('last': the context's last position,
+    a padding token, as SigLIP's tokenizer pads every text to the full context)."""
+    pool = text_pool(model)
+    if pool == "eos":
+        eos = model.text.eos_id if getattr(model, "text", None) is not None else model.text_eos_id
+        return (tokens == eos).int().argmax(dim=-1)
+    if pool in ("last", "first"):
+        return torch.full(tokens.shape[:1], tokens.shape[1] - 1 if pool == "last" else 0, device=tokens.device)
     return tokens.argmax(dim=-1)
 
 
+def text_length(model: nn.Module, eot: torch.Tensor, context_length: int) -> int:
+    """Positions to encode for rows pooled at `eot`: up to the last pooled token under a causal mask (exact),
+    the whole context without one."""
+    return int(eot.max()) + 1 if text_is_causal(model) else context_length
+
+
 def project_text(model: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
-    proj = model.text_projection
+    proj = text_module(model).text_projection
     if proj is None:
         return pooled
     return proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
 
 
 def causal_mask(model: nn.Module, length: int) -> torch.Tensor | None:
-    mask = getattr(model, "attn_mask", None)
+    mask = text_module(model).attn_mask
     return None if mask is None else mask[:length, :length]
 
 
 def text_tower(model: nn.Module, x: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
     """open_clip's text encoder after the token embedding, over the first `x.shape[1]` positions only."""
-    length = x.shape[1]
-    x = x + model.positional_embedding[:length].to(x.dtype)
-    x = model.transformer(x, attn_mask=causal_mask(model, length))
-    x = model.ln_final(x)
+    text, length = text_module(model), x.shape[1]
+    x = x + text.positional_embedding[:length].to(x.dtype)
+    x = text.transformer(x, attn_mask=causal_mask(model, length))
+    x = text.ln_final(x)
     return project_text(model, x[torch.arange(x.shape[0], device=x.device), eot])

@@ -19,6 +19,18 @@ _TEXT = dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2)
 TEST_MODELS = {
     "test-vit": (32, dict(image_size=32, patch_size=8, width=64, head_width=32, layers=3), _TEXT),
     "test-rn": (32, dict(image_size=32, layers=(1, 1, 1, 1), width=16, head_width=16), _TEXT),
+    # timm image towers (see promptkit.tiny): a ViT with class + register tokens pooled by averaging, a
+    # SigLIP-shaped pair (attention-pooled ViT without class token; text tower without causal mask, pooled at
+    # the last position; logit bias; embed_dim = tower width, as SigLIP projects neither), and a ConvNeXt
+    # (text-side methods only).
+    "test-timm-vit": (32, dict(image_size=32, timm_model_name="promptkit_test_vit", timm_pool="avg",
+                               timm_proj="linear"), _TEXT),
+    "test-siglip": (64, dict(image_size=32, timm_model_name="promptkit_test_siglip_vit", timm_pool="map",
+                             timm_proj="none"),
+                    dict(_TEXT, context_length=32, no_causal_mask=True, pool_type="last", proj_bias=True),
+                    dict(custom_text=True, init_logit_bias=-10.0)),
+    "test-convnext": (32, dict(image_size=32, timm_model_name="promptkit_test_convnext", timm_pool="",
+                               timm_proj="linear"), _TEXT),
 }
 TINY_PRETRAINED = "promptkit-tiny"
 
@@ -27,7 +39,8 @@ class FrozenCLIP(nn.Module):
     """Wraps an open_clip `CLIP` model and freezes it (eval mode, no gradients).
 
     Args:
-        model: an open_clip `CLIP` with a VisionTransformer or ModifiedResNet image tower.
+        model: an open_clip `CLIP` or `CustomTextCLIP` with open_clip's text transformer and any image tower
+            (see `_compat.SUPPORTED`; visual prompts need a ViT tower).
         tokenizer: open_clip tokenizer; defaults to CLIP's BPE tokenizer (ships with open_clip).
         preprocess: image transform; defaults to open_clip's eval transform for the model.
         arch: architecture name, recorded in checkpoints when known.
@@ -42,10 +55,11 @@ class FrozenCLIP(nn.Module):
         for p in self.model.parameters():
             p.requires_grad_(False)
         # Read the token layout now, while no prompt hook is on the blocks.
-        _compat.batch_first(model.transformer)
+        _compat.batch_first(_compat.text_module(model).transformer)
         if _compat.vision_kind(model) == "vit":
             _compat.batch_first(model.visual.transformer)
         self.tokenizer = tokenizer or open_clip.tokenizer.SimpleTokenizer(context_length=self.context_length)
+        check_tokenizer(self.tokenizer, self.token_embedding.num_embeddings)
         if preprocess is None:
             cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
             preprocess = open_clip.image_transform(
@@ -63,8 +77,12 @@ class FrozenCLIP(nn.Module):
 
     # -- model facts -------------------------------------------------------------------------
     @property
+    def token_embedding(self) -> nn.Embedding:
+        return _compat.text_module(self.model).token_embedding
+
+    @property
     def text_width(self) -> int:
-        return self.model.token_embedding.embedding_dim
+        return self.token_embedding.embedding_dim
 
     @property
     def embed_dim(self) -> int:
@@ -72,7 +90,7 @@ class FrozenCLIP(nn.Module):
 
     @property
     def context_length(self) -> int:
-        return self.model.positional_embedding.shape[0]
+        return _compat.text_module(self.model).positional_embedding.shape[0]
 
     @property
     def vision_kind(self) -> str:
@@ -88,20 +106,25 @@ class FrozenCLIP(nn.Module):
 
     @property
     def vision_blocks(self) -> nn.ModuleList:
+        return self.vision_site.blocks
+
+    @property
+    def vision_site(self) -> _compat.VisionSite:
+        """Where visual prompts enter the image tower (see `_compat.VisionSite`)."""
         self.require_vit("visual prompts")
-        return _compat.vision_blocks(self.model)
+        return _compat.vision_site(self.model)
 
     @property
     def text_batch_first(self) -> bool:
-        return _compat.batch_first(self.model.transformer)
+        return _compat.batch_first(_compat.text_module(self.model).transformer)
 
     @property
     def vision_batch_first(self) -> bool:
-        return _compat.batch_first(self.model.visual.transformer)
+        return self.vision_site.batch_first
 
     @property
     def device(self) -> torch.device:
-        return self.model.positional_embedding.device
+        return self.token_embedding.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -112,19 +135,22 @@ class FrozenCLIP(nn.Module):
         return self.model.logit_scale.exp()
 
     def require_vit(self, what: str) -> None:
-        if self.vision_kind != "vit":
+        problem = _compat.visual_prompt_problem(self.model)
+        if problem:
             raise TypeError(
-                f"{what} need a VisionTransformer image tower, but this model has "
-                f"{type(self.model.visual).__name__}. Use a ViT model (e.g. ViT-B-16) or a text-only "
-                f"method (zeroshot, coop, kgcoop, prograd).")
+                f"{what} need a ViT image tower (open_clip's VisionTransformer or a timm VisionTransformer in "
+                f"open_clip's TimmModel, as in SigLIP), but {problem}. Use a ViT model (e.g. ViT-B-16, "
+                f"ViT-B-16-SigLIP) or a text-side method (zeroshot, coop, kgcoop, prograd, cocoop; tpt, zero, tda; "
+                f"the feature-level heads).")
 
     def signature(self) -> dict:
         """Structural identity, stored in checkpoints and compared on load."""
         return {
             "text_width": self.text_width, "embed_dim": self.embed_dim, "context_length": self.context_length,
-            "vocab_size": self.model.token_embedding.num_embeddings, "vision": self.vision_kind,
+            "vocab_size": self.token_embedding.num_embeddings, "vision": self.vision_kind,
             "vision_width": self.vision_width, "text_layers": len(self.text_blocks),
-            "vision_layers": len(_compat.vision_blocks(self.model)) if self.vision_kind == "vit" else None,
+            "vision_layers": (len(_compat.vision_blocks(self.model)) if self.vision_kind in ("vit", "timm_vit")
+                              else None),
         }
 
     # -- tokens ------------------------------------------------------------------------------
@@ -175,7 +201,8 @@ class FrozenCLIP(nn.Module):
         Under CLIP's causal mask the pooled EOT feature never sees later positions, so
         truncating is exact up to float rounding. Rows are sorted by length and encoded in
         a few groups, each truncated to its own longest prompt, so one long class name
-        does not make every prompt pay for it. `hooks` are active while encoding.
+        does not make every prompt pay for it. Text towers without a causal mask (SigLIP)
+        encode the full context (`_compat.text_length`). `hooks` are active while encoding.
         """
         tokens = tokens.to(self.device)
         eot = self.eot_index(tokens)
@@ -190,10 +217,10 @@ class FrozenCLIP(nn.Module):
         return F.normalize(features, dim=-1) if normalize else features
 
     def _encode_rows(self, tokens: torch.Tensor, rows: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
-        model, length = self.model, int(eot.max()) + 1
+        model, length = self.model, _compat.text_length(self.model, eot, self.context_length)
         self.text_rows = rows
         try:
-            x = model.token_embedding(tokens[rows, :length]).to(self.dtype)
+            x = self.token_embedding(tokens[rows, :length]).to(self.dtype)
         finally:
             self.text_rows = None
         return _compat.text_tower(model, x, eot)
@@ -206,6 +233,19 @@ class FrozenCLIP(nn.Module):
         prompts = [t.format(c) for c in classnames for t in templates]
         features = self.encode_text(self.tokenize(prompts), normalize=normalize_each)
         return F.normalize(features.view(len(classnames), len(templates), -1).mean(dim=1), dim=-1)
+
+
+def check_tokenizer(tokenizer, vocab_size: int) -> None:
+    """Raises when prompts cannot be built with `tokenizer` for a text tower of `vocab_size` tokens."""
+    ids = [getattr(tokenizer, name, None) for name in ("sot_token_id", "eot_token_id")]
+    if None in ids:
+        raise TypeError(f"tokenizer {type(tokenizer).__name__} has no start/end-of-text ids: promptkit builds prompts "
+                        f"with CLIP's BPE tokenizer (open_clip's SimpleTokenizer); SentencePiece and Hugging Face "
+                        f"tokenizers (SigLIP's) are not supported")
+    if max(ids) >= vocab_size:
+        raise ValueError(f"the tokenizer's ids reach {max(ids)} but the text tower has {vocab_size} token embeddings: "
+                         f"the model was trained with another tokenizer (e.g. SigLIP's SentencePiece), which "
+                         f"promptkit does not support; use a model trained with CLIP's BPE tokenizer")
 
 
 def check_finite(images: torch.Tensor) -> None:
@@ -277,7 +317,8 @@ def load_clip(arch: str, pretrained: str | None = None, *, device=None, precisio
 
     Args:
         arch: open_clip architecture (`ViT-B-16`, `RN50`, ...), `"promptkit-tiny"` (the small
-            pretrained model shipped with promptkit) or a test model (`"test-vit"`, `"test-rn"`: tiny, random).
+            pretrained model shipped with promptkit) or a test model (tiny, random: `"test-vit"`, `"test-rn"`;
+            timm towers `"test-timm-vit"`, `"test-siglip"`, `"test-convnext"`).
         pretrained: open_clip pretrained tag (`"openai"`, `"laion2b_s34b_b88k"`, ...) or a local
             checkpoint file. None gives random weights.
         device: where to put the model (default CPU).
@@ -299,14 +340,17 @@ def load_clip(arch: str, pretrained: str | None = None, *, device=None, precisio
         model = load_tiny_clip().to(device or "cpu")
         return FrozenCLIP(_cast(model, precision), arch=arch, pretrained="embedded")
     if arch in TEST_MODELS:
-        embed_dim, vision_cfg, text_cfg = TEST_MODELS[arch]
+        from .tiny import build_test_model
+
+        embed_dim, vision_cfg, text_cfg, *options = TEST_MODELS[arch]
         with torch.random.fork_rng(devices=[]):  # same weights every time, caller's RNG untouched
             torch.manual_seed(0)
-            model = open_clip.model.CLIP(embed_dim, vision_cfg=vision_cfg, text_cfg=text_cfg)
+            model = build_test_model(embed_dim, vision_cfg, text_cfg, **(options[0] if options else {}))
         return FrozenCLIP(_cast(model.to(device or "cpu"), precision), arch=arch)
     if arch not in open_clip.list_models():
         raise ValueError(f"unknown architecture {arch!r}: use one of open_clip.list_models(), "
                          f"{TINY_PRETRAINED!r} or {sorted(TEST_MODELS)}")
+    _compat.check_config(arch)
     model, _, preprocess = _open_clip_model(arch, pretrained, device, precision, cache_dir, quick_gelu)
     return FrozenCLIP(model, preprocess=preprocess, arch=arch, pretrained=pretrained)
 

@@ -9,6 +9,7 @@ import json
 from importlib import resources
 
 import open_clip
+import timm
 import torch
 
 from .checkpoint import load_tensors
@@ -48,6 +49,41 @@ def load_tiny_clip() -> open_clip.model.CLIP:
         model = build_tiny_clip(config)
     model.load_state_dict({k: v.float() for k, v in state.items()})
     return model.eval()
+
+
+# Tiny timm image towers for in-process tests, built by timm from its own architectures with small dimensions
+# and registered under these names (on first use) so that open_clip's `TimmModel` can create them.
+def promptkit_test_vit(pretrained: bool = False, **kwargs):
+    """A timm ViT with a class token and 2 register tokens, 3 blocks, width 64."""
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **{
+        "img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 3, "num_heads": 2, "reg_tokens": 2, **kwargs})
+
+
+def promptkit_test_siglip_vit(pretrained: bool = False, **kwargs):
+    """A timm ViT shaped like SigLIP's: no class token, attention ('map') pooling, 3 blocks, width 64."""
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **{
+        "img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 3, "num_heads": 2, "class_token": False,
+        "global_pool": "map", **kwargs})
+
+
+def promptkit_test_convnext(pretrained: bool = False, **kwargs):
+    """A timm ConvNeXt with one block per stage."""
+    return timm.create_model("convnext_atto", pretrained=False, **{"depths": (1, 1, 1, 1), "dims": (8, 16, 32, 64),
+                                                                   **kwargs})
+
+
+TIMM_TEST_TOWERS = (promptkit_test_vit, promptkit_test_siglip_vit, promptkit_test_convnext)
+
+
+def build_test_model(embed_dim: int, vision_cfg: dict, text_cfg: dict, custom_text: bool = False, **kwargs):
+    """An open_clip `CLIP` (or `CustomTextCLIP`) from configs, registering the tiny timm towers first."""
+    from timm.models import is_model, register_model
+
+    for entrypoint in TIMM_TEST_TOWERS:
+        if not is_model(entrypoint.__name__):
+            register_model(entrypoint)
+    cls = open_clip.model.CustomTextCLIP if custom_text else open_clip.model.CLIP
+    return cls(embed_dim, vision_cfg=vision_cfg, text_cfg=text_cfg, **kwargs)
 
 
 @torch.no_grad()

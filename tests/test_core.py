@@ -175,6 +175,7 @@ def test_unsupported_models_are_refused():
     model = open_clip.model.CustomTextCLIP(
         32, vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=1),
         text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=1))
+    model.text = torch.nn.Identity()  # not open_clip's TextTransformer (as a Hugging Face text tower)
     with pytest.raises(TypeError, match="Supported: open_clip `CLIP`"):
         promptkit.FrozenCLIP(model)
 

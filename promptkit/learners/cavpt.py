@@ -14,6 +14,7 @@ from ..registry import register_method
 from ..templates import dataset_template
 from ..objectives import TrainOutputs
 from .coop import CoOp
+from .deep import prompt_removal_hook
 
 
 class ClassAwarePrompts(nn.Module):
@@ -107,14 +108,16 @@ class CAVPT(CoOp):
         class_text = text[top]                                                  # [B, K, D]
         prompt_counts = [self.vpt.shape[1]] * len(self.vpt) + [self.top_k] * len(self.class_aware)
         layer_logits = []
+        site = clip.vision_site
+        start = site.prefix_tokens  # after the class token (and timm's register tokens)
 
         def swap(layer, make):
             def hook(module, args, kwargs):
-                x = args[0] if clip.vision_batch_first else args[0].transpose(0, 1)
-                tokens = torch.cat([x[:, :1], x[:, 1 + (prompt_counts[layer - 1] if layer else 0):]], dim=1)
-                x = torch.cat([tokens[:, :1], make(tokens).to(x.dtype), tokens[:, 1:]], dim=1)
-                return ((x if clip.vision_batch_first else x.transpose(0, 1)),) + tuple(args[1:]), kwargs
-            return Hook(clip.vision_blocks[layer], hook, pre=True)
+                x = args[0] if site.batch_first else args[0].transpose(0, 1)
+                tokens = torch.cat([x[:, :start], x[:, start + (prompt_counts[layer - 1] if layer else 0):]], dim=1)
+                x = torch.cat([tokens[:, :start], make(tokens).to(x.dtype), tokens[:, start:]], dim=1)
+                return ((x if site.batch_first else x.transpose(0, 1)),) + tuple(args[1:]), kwargs
+            return Hook(site.blocks[layer], hook, pre=True)
 
         def class_aware(module):
             def make(tokens):
@@ -125,6 +128,8 @@ class CAVPT(CoOp):
 
         hooks = [swap(i, lambda tokens, p=p: p.expand(len(tokens), -1, -1)) for i, p in enumerate(self.vpt)]
         hooks += [swap(len(self.vpt) + j, class_aware(m)) for j, m in enumerate(self.class_aware)]
+        if prompt_counts:
+            hooks += prompt_removal_hook(clip, lambda: prompt_counts[-1])
         features = clip.encode_image(images, hooks=hooks)
         stacked = torch.stack(layer_logits, 1) if layer_logits else None
         return features, stacked, top, frozen

@@ -63,7 +63,7 @@ def context_hook(clip, ctx: torch.Tensor | callable, ctx_pos: torch.Tensor) -> H
         value = value.expand(len(rows), -1, -1) if value.dim() == 2 else value[rows]
         return out.index_put((rows.new_tensor(range(len(rows)))[:, None], pos), value.to(out.dtype))
 
-    return Hook(clip.model.token_embedding, hook)
+    return Hook(clip.token_embedding, hook)
 
 
 def init_context(clip, n_ctx: int | None, ctx_init: str | None, init_std: float) -> tuple[torch.Tensor, list | None]:
@@ -84,7 +84,7 @@ def init_context(clip, n_ctx: int | None, ctx_init: str | None, init_std: float)
         raise ValueError(f"n_ctx={n_ctx} is shorter than ctx_init {ctx_init!r} ({len(init_ids)} tokens); use n_ctx "
                          f">= {len(init_ids)} (extra tokens start as zero vectors in front) or n_ctx=None")
     pad = n_ctx - len(init_ids)
-    words = clip.model.token_embedding.weight[init_ids].detach().float().cpu()
+    words = clip.token_embedding.weight[init_ids].detach().float().cpu()
     init = torch.cat([torch.zeros(pad, clip.text_width), words])
     return init, clip.word_ids("X") * pad + init_ids
 
@@ -113,7 +113,7 @@ class CoOp(PromptLearner, PromptTuning):
         self.n_ctx = n_ctx = len(init)
         if class_specific:
             init = init.unsqueeze(0).repeat(self.n_classes, 1, 1)
-        device = clip.model.token_embedding.weight.device
+        device = clip.token_embedding.weight.device
         self.ctx = nn.Parameter(init.to(device))
         tokens, ctx_pos = build_prompts(clip, self.classnames, n_ctx, class_token_position, init_ids)
         self.register_buffer("tokens", tokens.to(device), persistent=False)

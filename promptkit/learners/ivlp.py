@@ -29,7 +29,7 @@ class DeepPrompts(PromptLearner, PromptTuning):
         self.text_depth, self.vision_depth = text_depth, vision_depth
         check_depth(text_depth, len(clip.text_blocks), "text prompt")
         check_depth(vision_depth, len(clip.vision_blocks), "vision prompt")
-        embedding = clip.model.token_embedding.weight
+        embedding = clip.token_embedding.weight
         if ctx_init:
             # As MaPLe: the prompt reads "<ctx_init> <class>." and its first n_ctx tokens are learned.
             init_ids = clip.word_ids(ctx_init)

@@ -6,6 +6,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .. import _compat
 from .._keywords import renamed
 from ..registry import register_method
 from .deep import check_depth, visual_prompt_hooks, vpt_init
@@ -45,8 +46,7 @@ class VPT(ZeroShotCLIP):
         if init == "normal":
             tokens = torch.randn(shape) * init_std
         else:
-            patch = clip.model.visual.patch_size
-            tokens = vpt_init(*shape[1:], patch[0] if isinstance(patch, (tuple, list)) else patch, shape[0])
+            tokens = vpt_init(*shape[1:], _compat.patch_size(clip.model), shape[0])
         self.prompt_tokens = nn.Parameter(tokens.to(clip.device))
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
