@@ -52,18 +52,22 @@ def test_renamed_class_names_are_coops():
 def test_imagenet_family(data_root):
     assert len(IMAGENET_WNIDS) == len(set(IMAGENET_WNIDS)) == 1000 and IMAGENET_WNIDS == sorted(IMAGENET_WNIDS)
     train = load_benchmark("imagenet", data_root, "train")
-    assert train.classnames == IMAGENET_NAMES and len(train) == 2000
+    # CLIP's names (CoOp's classnames.txt), with the two it gives twice named by their WordNet lemmas
+    names = list(IMAGENET_NAMES)
+    assert names[657] == names[744] == "missile" and names[836] == names[837] == "sunglasses"
+    names[744], names[836] = "projectile", "sunglass"
+    assert train.classnames == names and len(set(names)) == 1000 and len(train) == 2000
     # CoOp evaluates (and validates) ImageNet on its val folder
     assert [str(p) for p, _ in load_benchmark("imagenet", data_root, "val").samples] == \
         [str(p) for p, _ in load_benchmark("imagenet", data_root, "test").samples]
     for name in ("imagenet_v2", "imagenet_sketch"):
         test = load_benchmark(name, data_root, "test")
-        assert test.classnames == IMAGENET_NAMES and sorted(set(test.targets)) == list(range(1000))
+        assert test.classnames == names and sorted(set(test.targets)) == list(range(1000))
         assert splits_of(name) == ("test",)
     a, r = (load_benchmark(n, data_root, "test") for n in ("imagenet_a", "imagenet_r"))
     for subset, dataset in ((CLASSES["imagenet_a"], a), (CLASSES["imagenet_r"], r)):
         assert len(subset) == len(set(subset)) == 200 and subset == sorted(subset) and 0 <= min(subset)
-        assert dataset.classnames == [IMAGENET_NAMES[i] for i in subset]
+        assert dataset.classnames == [names[i] for i in subset]
         assert sorted(set(dataset.targets)) == list(range(200))
         # label i is the folder of the i-th class's WordNet id
         assert all(p.parent.name == IMAGENET_WNIDS[subset[t]] for p, t in dataset.samples)

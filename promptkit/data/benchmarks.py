@@ -212,10 +212,16 @@ def _read_fgvc(folder: Path, images: Path, split: str):
 
 def imagenet_classnames(folder: Path) -> list[str]:
     """CLIP's 1,000 ImageNet class names, or those of CoOp's `classnames.txt` in `folder` when there is one
-    ("<wnid> <name>" per line, in WordNet-id order)."""
+    ("<wnid> <name>" per line, in WordNet-id order); the two names CLIP gives twice are made distinct
+    (`distinct_names` of the recipe: learners refuse two classes with one name)."""
     text_file = folder / "classnames.txt"
-    if not text_file.is_file():
-        return list(IMAGENET_NAMES)
+    names = list(IMAGENET_NAMES) if not text_file.is_file() else _read_classnames_txt(text_file)
+    for index, name in RECIPES["imagenet"]["distinct_names"].items():
+        names[int(index)] = name
+    return names
+
+
+def _read_classnames_txt(text_file: Path) -> list[str]:
     pairs = [line.strip().partition(" ") for line in text_file.read_text().splitlines() if line.strip()]
     wnids = [wnid for wnid, _, _ in pairs]
     if wnids != IMAGENET_WNIDS:
