@@ -30,8 +30,10 @@ PROTOCOLS = {
 }
 SOURCE = "imagenet"
 PROCEDURAL = "procedural"
-# The procedural benchmark's domains stand in for datasets (`--root procedural`): "photo" is the source.
+# The procedural benchmark's domains stand in for datasets (`--root procedural`): "photo" is the source; 8 test
+# images per class (384 per domain) keep the whole sweep to minutes on a CPU.
 PROCEDURAL_DATASETS = ("photo", "sketch", "noisy", "palette")
+PROCEDURAL_TEST_PER_CLASS = 8
 # Settings that change what a cell's numbers mean: a rerun into the same `out` must keep them.
 SWEEP_KEYS = ("protocol", "source", "arch", "pretrained", "precision", "quick_gelu", "overrides")
 ZERO_SHOT = "zeroshot"
@@ -157,16 +159,17 @@ def check_data(cells: Sequence[Cell], root: str) -> None:
     if root == PROCEDURAL:
         return
     needed = {(c.train, "train") for c in cells if c.shots} | {(d, "test") for c in cells for d, _ in c.evals}
-    problems = []
+    problems, kind = [], None
     for name, split in sorted(needed):
         try:
             read_split(name, root, split)
         except (FileNotFoundError, ValueError) as err:
+            kind = kind or type(err)
             if str(err) not in problems:
                 problems.append(str(err))
     if problems:
-        raise FileNotFoundError("the sweep cannot start: " + " | ".join(problems)
-                                + " (promptkit data check NAME --root DIR lists every problem of a dataset)")
+        raise kind("the sweep cannot start: " + " | ".join(problems)
+                   + " (promptkit data check NAME --root DIR lists every problem of a dataset)")
 
 
 def check_sweep_file(out: Path, settings: dict) -> None:
@@ -215,7 +218,7 @@ class Bench:
         if self.root == PROCEDURAL:
             from ..data import ProceduralBenchmark
 
-            return ProceduralBenchmark().split(split, shots=shots, seed=seed, classes=classes, domain=name)
+            return ProceduralBenchmark(n_test=PROCEDURAL_TEST_PER_CLASS).split(split, shots=shots, seed=seed, classes=classes, domain=name)
         from ..data import load_benchmark
 
         return load_benchmark(name, self.root, split, transform or self.clip.preprocess, shots=shots, seed=seed,
