@@ -166,3 +166,18 @@ def test_split_file_of_another_dataset_is_refused(clip, root, tmp_path):
     shutil.copy(data / "eurosat/split_zhou_EuroSAT.json", data / "dtd/split_zhou_DescribableTextures.json")
     with pytest.raises(ValueError, match="is not DTD's split file: its classes .* are EuroSAT's"):
         run_bench(clip, "few-shot", ["coop"], data, tmp_path / "out", datasets=["dtd"], seeds=[1], shots=[1])
+
+
+def test_tta_protocol(clip, root, tmp_path):
+    rows = run_bench(clip, "tta", ["zeroshot", "zero", "tpt"], root, tmp_path / "a", datasets=["dtd"], seeds=[1],
+                     overrides={"n_views": 4}, log=lambda _: None)
+    assert [(r["method"], r["dataset"], r["n"]) for r in rows] == [("zeroshot", "dtd", 14), ("zero", "dtd", 14),
+                                                                   ("tpt", "dtd", 14)]
+    again = run_bench(clip, "tta", ["zero", "tpt"], root, tmp_path / "b", datasets=["dtd"], seeds=[1],
+                      overrides={"n_views": 4}, log=lambda _: None)
+    assert [r["top1"] for r in again] == [r["top1"] for r in rows[1:]]  # a seed fixes the views
+    assert "| tpt |" in (tmp_path / "a" / "summary.md").read_text()
+    with pytest.raises(ValueError, match=r"method coop is unknown to the tta protocol: it runs test-time adapters"):
+        run_bench(clip, "tta", ["coop"], root, tmp_path / "c", datasets=["dtd"])
+    with pytest.raises(ValueError, match="the tta protocol trains nothing: leave out --shots"):
+        run_bench(clip, "tta", ["tpt"], root, tmp_path / "c", datasets=["dtd"], shots=[16])

@@ -7,7 +7,7 @@ import argparse
 def configure(parser: argparse.ArgumentParser, command: str) -> None:
     from .sweep import PROTOCOLS
 
-    parser.add_argument("--protocol", required=True, choices=list(PROTOCOLS))
+    parser.add_argument("--protocol", required=True, choices=list(PROTOCOLS), help="few-shot, base2novel, cross-dataset, domain-generalization or tta")
     parser.add_argument("--methods", nargs="+", required=True, help="registered methods (promptkit list-methods)")
     parser.add_argument("--datasets", nargs="+", default=None,
                         help="dataset recipes (promptkit data list); for cross-dataset and domain-generalization "
@@ -27,7 +27,8 @@ def configure(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="TrainConfig values over every recipe (part of the sweep's settings), e.g. epochs=1")
+                        help="TrainConfig values over every recipe, e.g. epochs=1; with --protocol tta the "
+                             "adapters' keywords, e.g. n_views=8 (part of the sweep's settings)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,8 +39,20 @@ def run(args: argparse.Namespace) -> int:
     from .sweep import run_bench
 
     overrides = parse_overrides(args.overrides)
-    hints = typing.get_type_hints(TrainConfig)
-    for key, value in overrides.items():
+    if args.protocol == "tta":  # adapter keywords, e.g. n_views=8 steps=1
+        from ..registry import ADAPTERS
+        from ..tta import TDA  # noqa: F401  (registers the adapters)
+        from ..training.cli import keyword_types
+
+        for method in args.methods:
+            if method in ADAPTERS.names():
+                keywords = keyword_types(ADAPTERS.get(method))
+                for key, value in overrides.items():
+                    if key not in keywords:
+                        raise ValueError(f"unknown key {key!r} for {method}; its keywords: {', '.join(keywords)}")
+                    check_value(key, value, keywords[key], method)
+    hints = {} if args.protocol == "tta" else typing.get_type_hints(TrainConfig)
+    for key, value in (overrides.items() if hints else ()):
         if key in FLAG_FIELDS or key not in hints:
             raise ValueError(f"{key}={value}: bench overrides are TrainConfig fields other than "
                              f"{', '.join(FLAG_FIELDS)}: {', '.join(k for k in hints if k not in FLAG_FIELDS)}")

@@ -27,6 +27,7 @@ PROTOCOLS = {
     "base2novel": {"recipe": "base2novel", "shots": [16]},
     "cross-dataset": {"recipe": "cross-dataset", "shots": [16]},
     "domain-generalization": {"recipe": "cross-dataset", "shots": [16]},
+    "tta": {"recipe": None, "shots": [0]},
 }
 SOURCE = "imagenet"
 PROCEDURAL = "procedural"
@@ -36,6 +37,9 @@ PROCEDURAL_DATASETS = ("photo", "sketch", "noisy", "palette")
 PROCEDURAL_TEST_PER_CLASS = 8
 # Settings that change what a cell's numbers mean: a rerun into the same `out` must keep them.
 SWEEP_KEYS = ("protocol", "source", "arch", "pretrained", "precision", "quick_gelu", "overrides")
+# Test-time adaptation (`--protocol tta`): TPT's tables, the ImageNet shifts and the 10 cross-domain sets.
+TTA_DATASETS = ("imagenet", "imagenet_a", "imagenet_v2", "imagenet_r", "imagenet_sketch", "oxford_flowers", "dtd",
+                "oxford_pets", "stanford_cars", "ucf101", "caltech101", "food101", "sun397", "fgvc_aircraft", "eurosat")
 ZERO_SHOT = "zeroshot"
 
 
@@ -60,9 +64,12 @@ def default_datasets(protocol: str, root: str) -> list[str]:
     from ..data import FEW_SHOT_DATASETS, SHIFTS
 
     if root == PROCEDURAL:
-        return list(PROCEDURAL_DATASETS) if protocol in ("few-shot", "base2novel") else list(PROCEDURAL_DATASETS[1:])
+        return list(PROCEDURAL_DATASETS) if protocol in ("few-shot", "base2novel", "tta") else list(
+            PROCEDURAL_DATASETS[1:])
     if protocol in ("few-shot", "base2novel"):
         return list(FEW_SHOT_DATASETS)
+    if protocol == "tta":
+        return list(TTA_DATASETS)
     if protocol == "cross-dataset":
         return [d for d in FEW_SHOT_DATASETS if d != SOURCE]
     return list(SHIFTS)
@@ -74,7 +81,10 @@ def plan(protocol: str, datasets: Sequence[str], methods: Sequence[str], shots: 
     cells = []
     for method in methods:
         zero = method == ZERO_SHOT
-        if protocol in ("few-shot", "base2novel"):
+        if protocol == "tta":  # nothing trained: each adapter runs over each test set once per seed
+            cells += [Cell(method, dataset, "all", 0, 0 if zero else seed, ((dataset, "all"),))
+                      for dataset in datasets for seed in ([seeds[0]] if zero else seeds)]
+        elif protocol in ("few-shot", "base2novel"):
             classes = "base" if protocol == "base2novel" else "all"
             evals = (("base", "novel") if protocol == "base2novel" else ("all",))
             for dataset in datasets:
@@ -110,11 +120,23 @@ def check_request(protocol: str, methods: Sequence[str], datasets: Sequence[str]
             raise ValueError(f"--{what} repeats {', '.join(repeated)}: each value once")
     if not methods:
         raise ValueError("--methods: name at least one method (promptkit list-methods)")
-    if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shots):
+    if protocol == "tta":
+        if shots != [0]:
+            raise ValueError("the tta protocol trains nothing: leave out --shots")
+    elif any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shots):
         raise ValueError(f"--shots must be positive integers, got {list(shots)}")
     if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in seeds):
         raise ValueError(f"--seeds must be positive integers (CoOp's seeds are 1 2 3), got {list(seeds)}")
     known = list_methods()
+    if protocol == "tta":
+        from ..registry import ADAPTERS
+        from ..tta import TDA  # noqa: F401  (registers the adapters)
+
+        unknown = [m for m in methods if m != ZERO_SHOT and m not in ADAPTERS.names()]
+        if unknown:
+            raise ValueError(f"method {unknown[0]} is unknown to the tta protocol: it runs test-time adapters "
+                             f"({', '.join(ADAPTERS.names())}) and zeroshot")
+        methods = []
     for method in methods:
         if method not in known:
             raise ValueError(f"unknown method {method!r}; methods: {', '.join(known)}")
@@ -134,6 +156,8 @@ def check_request(protocol: str, methods: Sequence[str], datasets: Sequence[str]
             raise ValueError(f"{source} is the source domain; --datasets names the targets")
         return list(datasets)
     names = [benchmark_name(d) for d in datasets]
+    if protocol == "tta":
+        return names
     if protocol in ("few-shot", "base2novel"):
         bad = [d for d in names if d not in FEW_SHOT_DATASETS]
         if bad:
@@ -234,9 +258,10 @@ class Bench:
                 continue
             self.log(f"[{i}/{len(cells)}] {cell.method} on {cell.train} ({cell.classes}), {cell.shots} shots, "
                      f"seed {cell.seed}")
-            prompts = None if cell.method == ZERO_SHOT else self.train(cell, directory)
+            prompts = None if cell.method == ZERO_SHOT or self.protocol == "tta" else self.train(cell, directory)
             for dataset, classes in todo:
-                metrics = self.evaluate(cell, prompts, dataset, classes)
+                metrics = (self.adapt(cell, dataset) if self.protocol == "tta" and cell.method != ZERO_SHOT
+                           else self.evaluate(cell, prompts, dataset, classes))
                 save_json({"top1": metrics["top1"], "macro_f1": metrics.get("macro_f1"), "n": metrics["n"]},
                           self._eval_path(directory, dataset, classes))
         return self.rows(cells)
@@ -312,6 +337,44 @@ class Bench:
         logits = torch.cat([learner(image_features=chunk, text_features=text).float()
                             for chunk in features.split(256)])
         return classification_metrics(logits, labels)
+
+    @torch.no_grad()
+    def adapt(self, cell: Cell, dataset: str) -> dict:
+        """Runs a test-time adapter over a test set in a seeded order, as `promptkit tta` (the authors'
+        settings for the dataset, TPT's CoOp-style "a photo of a" context or the adapter's templates)."""
+        from torch.utils.data import DataLoader, Subset
+
+        from ..learners import CoOp, ZeroShotCLIP
+        from ..metrics import classification_metrics
+        from ..registry import ADAPTERS, create_adapter
+        from ..training.cli import keyword_types
+        from ..tta.cli import _collate
+        from ..tta.defaults import classifier_templates
+
+        procedural = self.root == PROCEDURAL
+        # image files reach the adapter as PIL images: crops are cut from the full-resolution photo, as in TPT
+        test = self.dataset(dataset, "test") if procedural else self._photos(dataset)
+        name = None if procedural else dataset
+        method = ADAPTERS.get(cell.method).method
+        learner = (CoOp(self.clip, test.classnames, ctx_init="a photo of a") if method in ("tpt", "ctpt") else
+                   ZeroShotCLIP(self.clip, test.classnames, templates=classifier_templates(cell.method, name)))
+        keywords = dict(self.overrides)
+        if "seed" in keyword_types(ADAPTERS.get(cell.method)):
+            keywords.setdefault("seed", cell.seed)  # the views' random crops and augmentations
+        with torch.enable_grad():  # TPT and C-TPT take gradient steps on the prompt
+            adapter = create_adapter(cell.method, learner, dataset=name, **keywords)
+            order = torch.randperm(len(test), generator=torch.Generator().manual_seed(cell.seed)).tolist()
+            logits, labels = [], []
+            torch.manual_seed(cell.seed)
+            for images, targets in DataLoader(Subset(test, order), batch_size=16, collate_fn=_collate):
+                logits.append(adapter(images).detach().float().cpu())
+                labels += targets
+        return classification_metrics(torch.cat(logits), torch.tensor(labels))
+
+    def _photos(self, dataset: str):
+        from ..data import load_benchmark
+
+        return load_benchmark(dataset, self.root, "test")
 
     @staticmethod
     def _eval_path(directory: Path, dataset: str, classes: str) -> Path:

@@ -98,6 +98,16 @@ def summarize(rows: Sequence[dict], settings: dict) -> tuple[str, dict]:
                   "accuracy over the datasets and their HM (as CoCoOp's tables).", "",
                   *_table(["method", *datasets, "average"], table), ""]
         lines += _published(averages, len(datasets))
+    elif protocol == "tta":
+        datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+        acc = _by(rows, "method", "dataset")
+        table = []
+        for m in methods:
+            means = [mean_std(acc[(m, d)])[0] for d in datasets if (m, d) in acc]
+            table.append([m, *(_cell(acc[(m, d)]) if (m, d) in acc else "–" for d in datasets),
+                          f"{sum(means) / len(means):.2f}" if len(means) == len(datasets) else "–"])
+        lines += ["## Test-time adaptation (top-1 on each test set)", "",
+                  *_table(["method", *datasets, "average"], table), ""]
     else:
         source = settings["source"]
         datasets = [source] + [d for d in dict.fromkeys(r["dataset"] for r in rows) if d != source]
