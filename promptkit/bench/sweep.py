@@ -294,8 +294,10 @@ class Bench:
         resume = (directory / "checkpoint").is_dir()
         self.resumed += resume
         self.trained += 1
-        # CoOp's runs evaluate the last epoch's prompts on the test set: no validation during training.
-        PromptTrainer(learner, config).fit(train, None, resume=resume)
+        # CoOp's runs evaluate the last epoch's prompts on the test set: no validation during training. Learners
+        # built from features (Tip-Adapter, the linear probe) search their hyperparameters on CoOp's few-shot val.
+        val = self.dataset(cell.train, "val", cell.shots, cell.seed, cell.classes) if hasattr(learner, "fit") else None
+        PromptTrainer(learner, config).fit(train, val, resume=resume)
         return prompts
 
     @torch.no_grad()
