@@ -7,7 +7,8 @@ import argparse
 def configure(parser: argparse.ArgumentParser, command: str) -> None:
     from .sweep import PROTOCOLS
 
-    parser.add_argument("--protocol", required=True, choices=list(PROTOCOLS), help="few-shot, base2novel, cross-dataset, domain-generalization or tta")
+    parser.add_argument("--protocol", required=True, choices=list(PROTOCOLS),
+                        help="few-shot, base2novel, cross-dataset, domain-generalization or tta")
     parser.add_argument("--methods", nargs="+", required=True, help="registered methods (promptkit list-methods)")
     parser.add_argument("--datasets", nargs="+", default=None,
                         help="dataset recipes (promptkit data list); for cross-dataset and domain-generalization "

@@ -11,7 +11,6 @@ Layout of `out`:
 from __future__ import annotations
 
 import csv
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,7 +241,8 @@ class Bench:
         if self.root == PROCEDURAL:
             from ..data import ProceduralBenchmark
 
-            return ProceduralBenchmark(n_test=PROCEDURAL_TEST_PER_CLASS).split(split, shots=shots, seed=seed, classes=classes, domain=name)
+            return ProceduralBenchmark(n_test=PROCEDURAL_TEST_PER_CLASS).split(split, shots=shots, seed=seed,
+                                                                               classes=classes, domain=name)
         from ..data import load_benchmark
 
         return load_benchmark(name, self.root, split, transform or self.clip.preprocess, shots=shots, seed=seed,
@@ -416,10 +416,6 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return mean, (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0)
 
 
-def read_sweep(out: Path) -> dict:
-    return json.loads((out / "sweep.json").read_text())
-
-
 def run_bench(clip, protocol: str, methods: Sequence[str], root, out, datasets: Sequence[str] | None = None,
               shots: Sequence[int] | None = None, seeds: Sequence[int] = (1, 2, 3), source: str | None = None,
               overrides: dict | None = None, model: dict | None = None,
@@ -453,8 +449,9 @@ def run_bench(clip, protocol: str, methods: Sequence[str], root, out, datasets: 
     root, out = str(root), Path(out)
     source = source or (PROCEDURAL_DATASETS[0] if root == PROCEDURAL else SOURCE)
     shots = list(shots or PROTOCOLS.get(protocol, {}).get("shots", [16]))
-    datasets = list(datasets or default_datasets(protocol, root) if protocol in PROTOCOLS else [])
-    datasets = check_request(protocol, list(methods), datasets, shots, list(seeds), root, source)
+    if protocol in PROTOCOLS and not datasets:
+        datasets = default_datasets(protocol, root)
+    datasets = check_request(protocol, list(methods), list(datasets or []), shots, list(seeds), root, source)
     model = model or {"arch": getattr(clip, "arch", None), "pretrained": getattr(clip, "pretrained", None)}
     settings = {"protocol": protocol, "source": source if protocol in ("cross-dataset", "domain-generalization")
                 else None, "arch": model.get("arch"), "pretrained": model.get("pretrained"),

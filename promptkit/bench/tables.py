@@ -35,10 +35,10 @@ def summarize(rows: Sequence[dict], settings: dict) -> tuple[str, dict]:
     """The markdown summary and the points of the accuracy-vs-shots plots ({dataset: {method: {shots: top1}}})."""
     protocol = settings["protocol"]
     methods = list(dict.fromkeys(r["method"] for r in rows))
+    model = settings["arch"] + (f" ({settings['pretrained']})" if settings["pretrained"] else "")
     lines = [f"# promptkit bench: {protocol}", "",
-             f"Model {settings['arch']}" + (f" ({settings['pretrained']})" if settings["pretrained"] else "") + "; seeds "
-             + f"{' '.join(map(str, settings['seeds']))}; mean ± std over seeds (top-1 %); "
-             f"recipe overrides: {settings['overrides'] or 'none'}.", ""]
+             f"Model {model}; seeds {' '.join(map(str, settings['seeds']))}; mean ± std over seeds (top-1 %); "
+             f"overrides: {settings['overrides'] or 'none'}.", ""]
     plots: dict = {}
     if protocol == "few-shot":
         datasets = list(dict.fromkeys(r["dataset"] for r in rows))

@@ -40,8 +40,8 @@ for _name, _recipe in RECIPES.items():
     for _spelling in (_name, _recipe["title"], _recipe["folder"], _recipe.get("split_file", "")[11:-5]):
         if _spelling:
             _ALIASES[_key(_spelling)] = _name
-_ALIASES.update({_key(k): v for k, v in {"flowers102": "oxford_flowers", "aircraft": "fgvc_aircraft", "pets": "oxford_pets",
-                                         "cars": "stanford_cars", "imagenetv2": "imagenet_v2"}.items()})
+_ALIASES.update({_key(k): v for k, v in {"flowers102": "oxford_flowers", "aircraft": "fgvc_aircraft",
+                                         "pets": "oxford_pets", "cars": "stanford_cars"}.items()})
 
 
 def benchmark_name(name: str) -> str:
