@@ -84,6 +84,10 @@ def load_benchmark(name: str, root, split: str, transform=None, *, shots: int | 
     "base" / "novel" keeps the first / second half of the labels, relabelled from 0 (CoCoOp's
     `subsample_classes`), after the few-shot draw, as CoCoOp.
 
+    Differences from CoOp: the draw is recomputed (deterministically) instead of cached as a pickle; the
+    ImageNet family's image files are listed sorted, where CoOp takes the file system's order, so ImageNet's
+    draw is reproducible but not CoOp's own (the split-file datasets and FGVC-Aircraft draw CoOp's images).
+
     Args:
         name: a recipe, in any usual spelling (`benchmark_name`).
         root: the data root holding every dataset's folder (CoOp's `$DATA`).
