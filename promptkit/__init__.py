@@ -1,7 +1,8 @@
 """promptkit: prompt learning and test-time adaptation on frozen open_clip CLIP models."""
 __version__ = "0.2.0"
 
-from . import data, recipes
+from . import bench, data, recipes
+from .bench import run_bench
 from .checkpoint import import_coop_checkpoint, load_pretrained
 from .clip import FrozenCLIP, load_clip
 from .hooks import Hook, inject
@@ -13,6 +14,7 @@ from .registry import (create_adapter, create_learner, create_objective, list_ad
 from .templates import IMAGENET_TEMPLATES, IMAGENET_TEMPLATES_7, get_templates
 from .training import PromptTrainer, TrainConfig
 from .tta import CTPT, TDA, TPT, Zero, adapt_dataset
+from .data import load_benchmark
 from .weights import debias, ensemble_logits, interpolate, patch, soup
 
 __all__ = [
@@ -27,4 +29,5 @@ __all__ = [
     "Hook", "inject",
     "IMAGENET_TEMPLATES", "IMAGENET_TEMPLATES_7", "get_templates",
     "interpolate", "ensemble_logits", "soup", "patch", "debias",
+    "load_benchmark", "run_bench",
 ]

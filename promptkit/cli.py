@@ -15,6 +15,8 @@ COMMANDS = {
     "eval": ("promptkit.training.cli", "Evaluate saved prompts (or zero-shot) on a dataset."),
     "tta": ("promptkit.tta.cli", "Test-time adaptation over a dataset."),
     "soup": ("promptkit.weights", "Average the prompts of several runs (model soup: uniform or greedy)."),
+    "data": ("promptkit.data.cli", "Dataset recipes: list them, check a dataset folder against its recipe."),
+    "bench": ("promptkit.bench.cli", "The papers' protocols over datasets x methods x shots x seeds, resumable."),
     "demo": ("promptkit.demo", "End-to-end demo on the embedded model and benchmark (offline)."),
 }
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, NotADirectoryError, PermissionError, FileExistsError)

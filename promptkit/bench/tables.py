@@ -1,0 +1,161 @@
+"""`summary.md` of a sweep: mean +- std over seeds per method and dataset, the protocol's averages (the
+harmonic mean for base-to-novel), the published numbers beside them with the difference, and plots."""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+from .sweep import harmonic_mean, mean_std
+
+PUBLISHED = json.loads(resources.files(__package__).joinpath("published.json").read_text())
+N_COOP_DATASETS = 11
+
+
+def _cell(values: Sequence[float]) -> str:
+    mean, std = mean_std(values)
+    return f"{mean:.2f} ± {std:.2f}" if len(values) > 1 else f"{mean:.2f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def _by(rows, *keys) -> dict:
+    out = defaultdict(list)
+    for row in rows:
+        out[tuple(row[k] for k in keys)].append(float(row["top1"]))
+    return out
+
+
+def summarize(rows: Sequence[dict], settings: dict) -> tuple[str, dict]:
+    """The markdown summary and the points of the accuracy-vs-shots plots ({dataset: {method: {shots: top1}}})."""
+    protocol = settings["protocol"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    model = settings["arch"] + (f" ({settings['pretrained']})" if settings["pretrained"] else "")
+    lines = [f"# promptkit bench: {protocol}", "",
+             f"Model {model}; seeds {' '.join(map(str, settings['seeds']))}; mean ± std over seeds (top-1 %); "
+             f"overrides: {settings['overrides'] or 'none'}.", ""]
+    plots: dict = {}
+    if protocol == "few-shot":
+        datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+        acc = _by(rows, "method", "dataset", "shots")
+        shots_list = sorted({r["shots"] for r in rows})
+        for k in shots_list:
+            table = []
+            for m in methods:
+                if not any((m, d, k) in acc for d in datasets):
+                    continue
+                cells = [_cell(acc[(m, d, k)]) if (m, d, k) in acc else "–" for d in datasets]
+                means = [mean_std(acc[(m, d, k)])[0] for d in datasets if (m, d, k) in acc]
+                complete = len(means) == len(datasets)
+                table.append([m, *cells, f"{sum(means) / len(means):.2f}" if complete else "–"])
+            title = "zero-shot" if k == 0 else f"{k} shots"
+            lines += [f"## {title}", "", *_table(["method", *datasets, "average"], table), ""]
+        for d in datasets + ["average"]:
+            curves = {}
+            for m in methods:
+                points = {}
+                for k in shots_list:
+                    if k == 0:
+                        continue
+                    if d == "average":
+                        if all((m, x, k) in acc for x in datasets):
+                            points[k] = sum(mean_std(acc[(m, x, k)])[0] for x in datasets) / len(datasets)
+                    elif (m, d, k) in acc:
+                        points[k] = mean_std(acc[(m, d, k)])[0]
+                if points:
+                    curves[m] = points
+            if curves:
+                plots[d] = curves
+    elif protocol == "base2novel":
+        datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+        acc = _by(rows, "method", "dataset", "classes")
+        table, averages = [], {}
+        for m in methods:
+            row, bases, novels = [m], [], []
+            for d in datasets:
+                if (m, d, "base") in acc and (m, d, "novel") in acc:
+                    base, novel = mean_std(acc[(m, d, "base")])[0], mean_std(acc[(m, d, "novel")])[0]
+                    bases.append(base)
+                    novels.append(novel)
+                    row.append(f"{_cell(acc[(m, d, 'base')])} / {_cell(acc[(m, d, 'novel')])} / "
+                               f"{harmonic_mean(base, novel):.2f}")
+                else:
+                    row.append("–")
+            if len(bases) == len(datasets):
+                base, novel = sum(bases) / len(bases), sum(novels) / len(novels)
+                averages[m] = (base, novel, harmonic_mean(base, novel))
+                row.append(f"{base:.2f} / {novel:.2f} / {averages[m][2]:.2f}")
+            else:
+                row.append("–")
+            table.append(row)
+        lines += ["## Base / novel / harmonic mean", "",
+                  "Per dataset: base ± std / novel ± std / HM of the two means. Average: the mean base and novel "
+                  "accuracy over the datasets and their HM (as CoCoOp's tables).", "",
+                  *_table(["method", *datasets, "average"], table), ""]
+        lines += _published(averages, len(datasets))
+    elif protocol == "tta":
+        datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+        acc = _by(rows, "method", "dataset")
+        table = []
+        for m in methods:
+            means = [mean_std(acc[(m, d)])[0] for d in datasets if (m, d) in acc]
+            table.append([m, *(_cell(acc[(m, d)]) if (m, d) in acc else "–" for d in datasets),
+                          f"{sum(means) / len(means):.2f}" if len(means) == len(datasets) else "–"])
+        lines += ["## Test-time adaptation (top-1 on each test set)", "",
+                  *_table(["method", *datasets, "average"], table), ""]
+    else:
+        source = settings["source"]
+        datasets = [source] + [d for d in dict.fromkeys(r["dataset"] for r in rows) if d != source]
+        acc = _by(rows, "method", "dataset")
+        table = []
+        for m in methods:
+            targets = [mean_std(acc[(m, d)])[0] for d in datasets[1:] if (m, d) in acc]
+            complete = len(targets) == len(datasets) - 1
+            table.append([m, *(_cell(acc[(m, d)]) if (m, d) in acc else "–" for d in datasets),
+                          f"{sum(targets) / len(targets):.2f}" if complete and targets else "–"])
+        lines += [f"## Trained on {source}, evaluated on the targets", "",
+                  *_table(["method", f"{source} (source)", *datasets[1:], "target average"], table), ""]
+        lines += ["Published numbers: the repositories print none for this protocol (only the papers do), so "
+                  "none are shipped.", ""]
+    return "\n".join(lines), plots
+
+
+def _published(averages: dict, n_datasets: int) -> list[str]:
+    published = PUBLISHED["base2novel"]
+    rows = []
+    for m, (base, novel, hm) in averages.items():
+        if m not in published:
+            continue
+        p = published[m]
+        diff = (f"{base - p['base']:+.2f} / {novel - p['novel']:+.2f} / {hm - p['hm']:+.2f}"
+                if n_datasets == N_COOP_DATASETS else "– (needs all 11 datasets)")
+        rows.append([m, f"{base:.2f} / {novel:.2f} / {hm:.2f}", f"{p['base']:.2f} / {p['novel']:.2f} / {p['hm']:.2f}",
+                     diff, p["source"]])
+    if not rows:
+        return []
+    return ["## Against the published ViT-B/16 averages (11 datasets)", "",
+            *_table(["method", "this sweep", "published", "difference", "source"], rows), ""]
+
+
+def write_summary(rows: Sequence[dict], settings: dict, out: Path) -> Path:
+    text, plots = summarize(rows, settings)
+    made = []
+    if plots:
+        try:
+            from ..plots import plot_accuracy_vs_shots
+
+            for dataset, curves in plots.items():
+                made.append(plot_accuracy_vs_shots(curves, out / "plots" / f"{dataset}.png",
+                                                   title=f"{dataset}: top-1 vs shots"))
+        except ImportError:  # matplotlib is optional: the tables are the result
+            text += "\n(plots need matplotlib: pip install 'clip-promptkit[plots]')\n"
+    if made:
+        text += "\n## Accuracy vs shots\n\n" + "\n".join(f"![{p.stem}](plots/{p.name})" for p in made) + "\n"
+    path = out / "summary.md"
+    path.write_text(text)
+    return path

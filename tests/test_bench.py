@@ -1,0 +1,184 @@
+"""`promptkit bench` end to end on fake CoOp trees with the embedded tiny model: tables, resume, the feature
+cache, base-to-novel harmonic means, cross-dataset / domain-generalisation cells, and refused requests."""
+import copy
+import csv
+import os
+import shutil
+
+import pytest
+import torch
+
+import promptkit
+from benchmark_trees import make_tree
+from promptkit.bench import FeatureCache, harmonic_mean, model_digest, run_bench
+from promptkit.cli import main
+from promptkit.data import load_benchmark
+
+QUICK = {"epochs": 1, "batch_size": 4, "cache_passes": 1}
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return promptkit.load_clip("promptkit-tiny")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    for name in ("eurosat", "dtd"):
+        make_tree(root, name, n_classes=4, per_split=(3, 2, 3))
+    for name in ("imagenet", "imagenet_r"):
+        make_tree(root, name)
+    return root
+
+
+def _rows(out):
+    with open(out / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_few_shot_sweep_tables_rerun_and_resume(clip, root, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = ["bench", "--protocol", "few-shot", "--methods", "zeroshot", "coop", "--datasets", "eurosat", "dtd",
+            "--shots", "1", "2", "--seeds", "1", "2", "--root", str(root), "--out", str(out), "epochs=1",
+            "cache_passes=1", "batch_size=4"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "10 cells: 0 already finished, 8 trained (0 resumed); evaluation features: 8 reused, 2 computed" in printed
+    rows = _rows(out)
+    assert len(rows) == 2 + 2 * 2 * 2 and {r["method"] for r in rows} == {"zeroshot", "coop"}
+    # one feature file per test set, shared by every method and seed
+    assert len(list((out / "features").glob("*.safetensors"))) == 2
+    coop = [float(r["top1"]) for r in rows if r["method"] == "coop" and r["dataset"] == "dtd" and r["shots"] == "2"]
+    mean = sum(coop) / 2
+    std = (sum((v - mean) ** 2 for v in coop) / 1) ** 0.5
+    summary = (out / "summary.md").read_text()
+    assert f"{mean:.2f} ± {std:.2f}" in summary.split("## 2 shots")[1].split("##")[0]
+    assert (out / "plots" / "average.png").is_file() and (out / "plots" / "dtd.png").is_file()
+    # zero-shot equals a direct evaluation of zero-shot CLIP on the test split
+    test = load_benchmark("dtd", root, "test", promptkit.load_clip("promptkit-tiny").preprocess)
+    zs = promptkit.create_learner("zeroshot", clip, test.classnames, dataset="dtd")
+    with torch.no_grad():
+        images = torch.stack([test[i][0] for i in range(len(test))])
+        direct = 100 * (zs(images).argmax(1) == torch.tensor(test.targets)).float().mean().item()
+    assert float(next(r["top1"] for r in rows if r["method"] == "zeroshot" and r["dataset"] == "dtd")) == \
+        pytest.approx(direct, abs=1e-3)
+
+    # rerun: nothing to do, the same table
+    assert main(argv) == 0
+    assert "10 cells: 10 already finished, 0 trained" in capsys.readouterr().out
+    assert _rows(out) == rows
+    # an interrupted cell: its checkpoint is there, its prompts and evaluation are not -> resumed, same number
+    cell = out / "cells/coop/eurosat/2shot/seed1"
+    shutil.rmtree(cell / "prompts")
+    (cell / "eval/eurosat-all.json").unlink()
+    assert main(argv) == 0
+    assert "1 trained (1 resumed)" in capsys.readouterr().out
+    assert _rows(out) == rows
+
+    # another sweep configuration into the same folder is refused, naming the setting; nothing is lost
+    with pytest.raises(ValueError, match=r"holds a sweep with other settings \(overrides: \{'epochs': 1, "
+                                         r"'cache_passes': 1, 'batch_size': 4\} there, \{'epochs': 2\} now\)"):
+        run_bench(clip, "few-shot", ["coop"], root, out, datasets=["dtd"], shots=[1], seeds=[1],
+                  overrides={"epochs": 2}, model={"arch": "promptkit-tiny", "pretrained": None})
+    assert _rows(out) == rows
+
+
+def test_base_to_novel_harmonic_mean(clip, root, tmp_path):
+    out = tmp_path / "b2n"
+    rows = run_bench(clip, "base2novel", ["coop"], root, out, datasets=["eurosat"], shots=[1], seeds=[1, 2],
+                     overrides=QUICK, log=lambda _: None)
+    assert {(r["classes"], r["n"]) for r in rows} == {("base", 7), ("novel", 7)}  # 2 + 2 classes, 3 + 4 test images
+    # trained once per seed on the two base classes
+    assert sorted(p.parent.name for p in (out / "cells/coop/eurosat-base/1shot").glob("*/prompts")) == \
+        ["seed1", "seed2"]
+    base = sum(r["top1"] for r in rows if r["classes"] == "base") / 2
+    novel = sum(r["top1"] for r in rows if r["classes"] == "novel") / 2
+    summary = (out / "summary.md").read_text()
+    assert f"{base:.2f} / {novel:.2f} / {harmonic_mean(base, novel):.2f}" in summary
+    assert "| coop | " in summary.split("published ViT-B/16")[1] and "82.69 / 63.22 / 71.66" in summary
+    assert "needs all 11 datasets" in summary
+    assert harmonic_mean(80.0, 60.0) == pytest.approx(2 * 80 * 60 / 140)
+
+
+def test_cross_dataset_and_domain_generalization(clip, root, tmp_path):
+    out = tmp_path / "xd"
+    rows = run_bench(clip, "cross-dataset", ["coop"], root, out, datasets=["dtd"], seeds=[1], shots=[1],
+                     source="eurosat", overrides=QUICK, log=lambda _: None)
+    # one training on the source, evaluated on the source and the target with each one's classes
+    assert [(r["train"], r["dataset"]) for r in rows] == [("eurosat", "eurosat"), ("eurosat", "dtd")]
+    assert len(list((out / "cells/coop").rglob("prompts"))) == 1
+    assert "eurosat (source) | dtd | target average" in (out / "summary.md").read_text()
+    out = tmp_path / "dg"
+    rows = run_bench(clip, "domain-generalization", ["zeroshot"], root, out, datasets=["imagenet_r"],
+                     log=lambda _: None)
+    # ImageNet-R is evaluated over its 200 classes (one fake image per class)
+    assert [(r["dataset"], r["n"]) for r in rows] == [("imagenet", 1000), ("imagenet_r", 200)]
+
+
+def test_procedural_quick(tmp_path, capsys):
+    argv = ["bench", "--protocol", "few-shot", "--methods", "zeroshot", "coop", "--shots", "1", "--seeds", "1",
+            "--datasets", "sketch", "--root", "procedural", "--out", str(tmp_path / "p"), "epochs=1"]
+    assert main(argv) == 0
+    assert "evaluation features" not in capsys.readouterr().out  # tensors: encoded once in memory
+    rows = _rows(tmp_path / "p")
+    assert [(r["method"], r["dataset"]) for r in rows] == [("zeroshot", "sketch"), ("coop", "sketch")]
+    assert all(0 <= float(r["top1"]) <= 100 and int(r["n"]) == 48 * 8 for r in rows)
+
+
+def test_feature_cache_key(clip, root, tmp_path):
+    cache = FeatureCache(tmp_path, clip)
+    test = load_benchmark("dtd", root, "test", clip.preprocess)
+    key = cache.key(test)
+    assert key == FeatureCache(tmp_path, clip).key(load_benchmark("dtd", root, "test", clip.preprocess))
+    assert key != cache.key(load_benchmark("dtd", root, "test", promptkit.data.train_transform(clip)))
+    assert key != cache.key(load_benchmark("dtd", root, "val", clip.preprocess))
+    other = copy.deepcopy(clip)
+    with torch.no_grad():
+        next(other.model.parameters()).view(-1)[0] += 1
+    assert model_digest(other) != model_digest(clip) and FeatureCache(tmp_path, other).key(test) != key
+    path = test.samples[0][0]
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # the file changed
+    assert cache.key(test) != key
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"seeds": [1, 1]}, ValueError, "--seeds repeats 1: each value once"),
+    ({"methods": ["cocoop"]}, ValueError, "method cocoop is unknown to the few-shot protocol: cocoop has no few-shot "
+                                          "recipe"),
+    ({"methods": ["nope"]}, ValueError, "unknown method 'nope'; methods:"),
+    ({"datasets": ["ucf101"]}, FileNotFoundError, "the sweep cannot start: UCF101 folder .* does not exist"),
+    ({"datasets": ["imagenet_a"]}, ValueError, "trains on each dataset; imagenet_a have only a test split"),
+    ({"protocol": "domain-generalization", "datasets": ["dtd"]}, ValueError,
+     "evaluates on imagenet_v2, imagenet_sketch, imagenet_a, imagenet_r; not dtd"),
+])
+def test_refused_requests(clip, root, tmp_path, kwargs, error, match):
+    request = {"protocol": "few-shot", "methods": ["coop"], "datasets": ["dtd"], "seeds": [1], "shots": [1], **kwargs}
+    with pytest.raises(error, match=match):
+        run_bench(clip, request.pop("protocol"), request.pop("methods"), root, tmp_path / "out", **request,
+                  overrides=QUICK)
+    assert not (tmp_path / "out" / "cells").exists()
+
+
+def test_split_file_of_another_dataset_is_refused(clip, root, tmp_path):
+    data = tmp_path / "data"
+    make_tree(data, "dtd")
+    make_tree(data, "eurosat")
+    shutil.copy(data / "eurosat/split_zhou_EuroSAT.json", data / "dtd/split_zhou_DescribableTextures.json")
+    with pytest.raises(ValueError, match="is not DTD's split file: its classes .* are EuroSAT's"):
+        run_bench(clip, "few-shot", ["coop"], data, tmp_path / "out", datasets=["dtd"], seeds=[1], shots=[1])
+
+
+def test_tta_protocol(clip, root, tmp_path):
+    rows = run_bench(clip, "tta", ["zeroshot", "zero", "tpt"], root, tmp_path / "a", datasets=["dtd"], seeds=[1],
+                     overrides={"n_views": 4}, log=lambda _: None)
+    assert [(r["method"], r["dataset"], r["n"]) for r in rows] == [("zeroshot", "dtd", 14), ("zero", "dtd", 14),
+                                                                   ("tpt", "dtd", 14)]
+    again = run_bench(clip, "tta", ["zero", "tpt"], root, tmp_path / "b", datasets=["dtd"], seeds=[1],
+                      overrides={"n_views": 4}, log=lambda _: None)
+    assert [r["top1"] for r in again] == [r["top1"] for r in rows[1:]]  # a seed fixes the views
+    assert "| tpt |" in (tmp_path / "a" / "summary.md").read_text()
+    with pytest.raises(ValueError, match=r"method coop is unknown to the tta protocol: it runs test-time adapters"):
+        run_bench(clip, "tta", ["coop"], root, tmp_path / "c", datasets=["dtd"])
+    with pytest.raises(ValueError, match="the tta protocol trains nothing: leave out --shots"):
+        run_bench(clip, "tta", ["tpt"], root, tmp_path / "c", datasets=["dtd"], shots=[16])
