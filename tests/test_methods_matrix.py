@@ -12,7 +12,7 @@ from conftest import assert_unchanged, snapshot
 SMALL = {"coop": dict(n_ctx=4), "prograd": dict(n_ctx=4), "vpt": dict(n_vision=4), "cavpt": dict(n_ctx=4, n_vision=2, class_aware_layers=2, top_k=3),
          "promptsrc": dict(templates=["a photo of a {}.", "itap of a {}."]),
          "tip-adapter": dict(search_steps=(10, 4)), "tip-adapter-f": dict(search_steps=(10, 4)), "linear-probe": dict(C=1.0),
-         "tecoa": dict(n_tokens=4)}
+         "tecoa": dict(n_tokens=4, init_std=0.02)}
 
 
 def build(name, clip, classnames):
