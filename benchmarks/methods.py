@@ -4,7 +4,9 @@
 
 Random weights (no download), same images for all; each method runs in its own process. Methods
 whose image path carries no prompt can use the trainer's image-feature cache: their time is given
-with cached features (what PromptTrainer does), the others encode the batch every step.
+with cached features (what PromptTrainer does), the others encode the batch every step. TeCoA's step includes
+its 2-step PGD attack on the batch (3 extra image passes, 2 of them with a backward to the pixels); POUF's and
+self-learning's read no label (they are timed on the same batch).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """promptkit: prompt learning and test-time adaptation on frozen open_clip CLIP models."""
 __version__ = "0.2.0"
 
-from . import bench, data, recipes
+from . import attacks, bench, data, recipes
 from .bench import run_bench
 from .checkpoint import import_coop_checkpoint, load_pretrained
 from .clip import FrozenCLIP, load_clip

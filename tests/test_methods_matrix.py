@@ -11,7 +11,8 @@ from conftest import assert_unchanged, snapshot
 
 SMALL = {"coop": dict(n_ctx=4), "prograd": dict(n_ctx=4), "vpt": dict(n_vision=4), "mvlpt": dict(n_ctx=4), "cavpt": dict(n_ctx=4, n_vision=2, class_aware_layers=2, top_k=3),
          "promptsrc": dict(templates=["a photo of a {}.", "itap of a {}."]),
-         "tip-adapter": dict(search_steps=(10, 4)), "tip-adapter-f": dict(search_steps=(10, 4)), "linear-probe": dict(C=1.0)}
+         "tip-adapter": dict(search_steps=(10, 4)), "tip-adapter-f": dict(search_steps=(10, 4)), "linear-probe": dict(C=1.0),
+         "tecoa": dict(n_tokens=4, init_std=0.02)}
 
 
 def build(name, clip, classnames):
@@ -96,6 +97,11 @@ NON_DEFAULT = {
     "tip-adapter-f": dict(alpha=2.0, beta=3.0, search_scale=[5.0, 2.0], search_steps=[10, 4],
                           templates=["itap of a {}."], dataset="dtd"),
     "linear-probe": dict(C=0.5, max_iter=200, templates=["itap of a {}."], dataset="dtd"),
+    "tecoa": dict(n_tokens=3, pad_size=2, templates=["itap of a {}."], init_std=0.5),
+    "pouf": dict(n_ctx=3, ctx_init=None, class_specific=True, class_token_position="front", init_std=0.5,
+                 transport_weight=2.0, mi_weight=0.5),
+    "self-learning": dict(n_ctx=3, ctx_init=None, class_specific=True, class_token_position="front", init_std=0.5,
+                          loss="soft", q=0.5, teacher="zero-shot", top_k=2, templates=["itap of a {}."]),
 }
 
 

@@ -157,6 +157,40 @@ class Subset(Dataset):
         return image, self.targets[index]
 
 
+class Unlabeled(Dataset):
+    """The images of a dataset without their labels, for objectives that read none (POUF, self-learning): yields
+    `(image, -1)`, so batches keep their usual shape; `targets` are all -1. Keeps `classnames` where the dataset
+    has them (the classes a learner predicts). `PromptTrainer.fit` takes it, or any dataset yielding bare images,
+    as unlabelled training data.
+
+    Args:
+        dataset: a dataset yielding `(image, label)` (the label is never read) or bare images.
+        classnames: class names, where the dataset has none.
+    """
+
+    labeled = False
+
+    def __init__(self, dataset, classnames: Sequence[str] | None = None):
+        self.dataset, self.indices = dataset, list(range(len(dataset)))
+        names = classnames if classnames is not None else getattr(dataset, "classnames", None)
+        self.classnames = None if names is None else list(names)
+        self.targets = [-1] * len(dataset)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        item = self.dataset[index]
+        return (item[0] if isinstance(item, (tuple, list)) else item), -1
+
+
+def is_unlabeled(dataset) -> bool:
+    """Whether `dataset` holds images without labels: an `Unlabeled`, or a dataset whose items are bare images."""
+    if getattr(dataset, "labeled", True) is False:
+        return True
+    return len(dataset) > 0 and torch.is_tensor(dataset[0])
+
+
 def few_shot(dataset, k: int, seed: int = 1, allow_fewer: bool = False) -> Subset:
     """`k` images per class, a pure function of (`seed`, the dataset's `targets`). For validation use
     `few_shot_val` (`min(k, 4)` shots, as CoOp).

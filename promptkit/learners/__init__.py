@@ -9,9 +9,12 @@ from .kgcoop import KgCoOp
 from .mvlpt import MVLPT
 from .prograd import ProGrad
 from .promptsrc import PromptSRC
+from .tecoa import TeCoA
 from .tuning import PromptTuning
+from .unsupervised import POUF, SelfLearning
 from .vpt import VPT
 from .zeroshot import ZeroShotCLIP
 
 __all__ = ["LossOutput", "PromptLearner", "PromptTuning", "ZeroShotCLIP", "CoOp", "CoCoOp", "KgCoOp", "ProGrad", "MVLPT",
-           "VPT", "IVLP", "MaPLe", "PromptSRC", "CAVPT", "CLIPAdapter", "TipAdapter", "TipAdapterF", "LinearProbe"]
+           "VPT", "IVLP", "MaPLe", "PromptSRC", "CAVPT", "CLIPAdapter", "TipAdapter", "TipAdapterF", "LinearProbe",
+           "TeCoA", "POUF", "SelfLearning"]

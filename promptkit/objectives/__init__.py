@@ -72,6 +72,9 @@ class Objective(nn.Module):
     gradient_rule: bool = False
     primary: str = ""
     whole_batch: bool = False  # compares a batch's images with each other: no gradient accumulation (FLYP)
+    needs_labels: bool = True  # False: reads no label, so the trainer may serve it unlabelled images (POUF)
+    needs_images: bool = False  # reads `out.images` (an attack): the trainer never serves cached features
+    uses_dataset: bool = False  # `prepare` gets the training set's frozen image features before training (UPL)
     config: dict = {}  # replaced per instance by the recorded keywords of objectives that take any
 
     def __init_subclass__(cls, **kwargs):
@@ -87,6 +90,10 @@ class Objective(nn.Module):
     def combine_gradients(self, grads: dict[str, list[torch.Tensor]]) -> list[torch.Tensor]:
         raise NotImplementedError
 
+    def prepare(self, learner, features: torch.Tensor) -> None:
+        """Called by the trainer before the first epoch with frozen CLIP's image features [N, D] of the whole
+        training set, when the objective defines `uses_dataset = True` (UPL's per-class selection)."""
+
     def on_epoch_start(self, learner, epoch: int, epochs: int) -> None:
         """Before each epoch (0-based), also the first one after a resume."""
 
@@ -101,4 +108,4 @@ class Objective(nn.Module):
         return f"{self.name}, {self.config}"
 
 
-from . import regularisers, robust  # noqa: E402,F401  (registers the built-in objectives)
+from . import adversarial, regularisers, robust, unsupervised  # noqa: E402,F401  (registers the built-in objectives)

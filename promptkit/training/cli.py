@@ -103,9 +103,9 @@ def has_splits(args) -> bool:
     return False
 
 
-def _shots(text: str) -> int | None:
+def _shots(text: str) -> int | str:
     if text == "all":
-        return None
+        return "all"  # told apart from "not given" (None) until `run` reads it
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer or 'all', got {text!r}")
     return int(text)
@@ -115,8 +115,14 @@ def configure(parser: argparse.ArgumentParser, command: str) -> None:
     add_model_and_data_args(parser)
     if command == "train":
         parser.add_argument("--method", default="coop", help="a registered method (promptkit list-methods)")
-        parser.add_argument("--shots", type=_shots, default=16,
-                            help="training images per class, or 'all' (image files only; default 16)")
+        parser.add_argument("--shots", type=_shots, default=None,
+                            help="training images per class, or 'all' (image files only; default 16, with "
+                                 "--unlabeled all)")
+        parser.add_argument("--unlabeled", action="store_true",
+                            help="train on the images of --train-split without reading their labels (methods whose "
+                                 "objectives need none: pouf, self-learning); validation still uses labels")
+        parser.add_argument("--train-split", default="train",
+                            help="the split trained on (default train; e.g. shifted for --data procedural)")
         parser.add_argument("--allow-fewer", action="store_true",
                             help="take every image of a class that has fewer than --shots")
         parser.add_argument("--seed", type=int, default=None, help="few-shot sampling and training seed "
@@ -144,6 +150,13 @@ def configure(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("--split", default=None, help="test (default), val or train; with --split-json or "
                                                           "procedural data (an image folder is one split)")
         parser.add_argument("--batch-size", type=int, default=256)
+        parser.add_argument("--attack", default=None, choices=["pgd"],
+                            help="also report top-1 under this attack (robust_top1): L-inf PGD on pixels in [0, 1]")
+        parser.add_argument("--eps", default="1/255", help="attack radius on pixels in [0, 1], e.g. 1/255 or 0.004 "
+                                                           "(default 1/255)")
+        parser.add_argument("--steps", type=int, default=100, help="attack steps (default 100)")
+        parser.add_argument("--step-size", default="1/255", help="attack step on pixels in [0, 1] (default 1/255)")
+        parser.add_argument("--attack-seed", type=int, default=0, help="seed of the attack's random start")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -158,13 +171,26 @@ def run(args: argparse.Namespace) -> int:
         dataset = load_split(args, clip, args.split or "test") if splits else _folder(args, clip)
         learner = (load_pretrained(args.load, clip, strict=args.strict, classnames=dataset.classnames) if args.load
                    else create_learner("zeroshot", clip, dataset.classnames))
+        attack = {}
+        if args.attack:
+            from ..attacks import parse_budget
+
+            attack = dict(attack=args.attack, eps=parse_budget(args.eps), steps=args.steps,
+                          step_size=parse_budget(args.step_size), seed=args.attack_seed)
         metrics = PromptTrainer(learner, TrainConfig(output_dir=None, eval_batch_size=args.batch_size,
-                                                     device=str(clip.device))).evaluate(dataset)
+                                                     device=str(clip.device))).evaluate(dataset, **attack)
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in metrics.items()
                           if k != "per_class"}))
         return 0
     # Every mistake in the settings is reported before the model, the data or --out is touched.
-    if args.data == "procedural" and args.shots is None:
+    if args.unlabeled and args.shots not in (None, "all"):
+        raise ValueError("--unlabeled trains on every image of --train-split: --shots would pick images per class "
+                         "by their labels; leave it out")
+    if not args.unlabeled and args.shots is None:
+        args.shots = 16
+    if args.shots == "all":
+        args.shots = None
+    if args.data == "procedural" and args.shots is None and not args.unlabeled:
         raise ValueError("--shots all needs image files; the procedural benchmark renders --shots N per class")
     old_run = _existing_run(args)
     file_data = _read_config(args.config) if args.config else {}
@@ -180,8 +206,12 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig.from_dict({**recipe, **file_data, **train_keys, "seed": seed, "output_dir": args.out,
                                     "device": str(clip.device)})
     transform = train_transform(clip, **config.augment) if config.augment and args.data != "procedural" else None
-    train = load_split(args, clip, "train", shots=args.shots, seed=seed, allow_fewer=args.allow_fewer,
+    train = load_split(args, clip, args.train_split, shots=args.shots, seed=seed, allow_fewer=args.allow_fewer,
                        transform=transform)
+    if args.unlabeled:
+        from ..data import Unlabeled
+
+        train = Unlabeled(train)
     val = load_split(args, clip, "val", shots=None if args.shots is None else min(args.shots, 4), seed=seed,
                      allow_fewer=args.allow_fewer) if has_splits(args) else None
     learner = create_learner(args.method, clip, train.classnames, seed=seed, **method_keys)  # seeded prompt init
@@ -202,7 +232,8 @@ def _recipe(args) -> tuple[dict, dict, str]:
     """The run's recipe: TrainConfig values, method keywords, and what to print about it."""
     if args.recipe == "none":
         return TrainConfig().to_dict(), {}, "recipe: none (TrainConfig's defaults)"
-    protocol = args.protocol or ("base2novel" if args.classes == "base" else "few-shot")
+    protocol = args.protocol or ("unsupervised" if getattr(args, "unlabeled", False) else
+                                 "base2novel" if args.classes == "base" else "few-shot")
     try:
         recipe = get_recipe(args.method, protocol, args.shots, args.dataset)
     except ValueError as err:

@@ -101,9 +101,20 @@ class PromptTrainer:
         features (and trained only if it then has prompt parameters).
         Returns the last evaluation (or training) metrics."""
         cfg, learner = self.config, self.learner
-        labels = self._check_dataset(train_dataset)
+        from ..data import Unlabeled, has_random_transform, is_unlabeled  # augmentation lives in the dataset
+
+        unlabeled = is_unlabeled(train_dataset)
+        if unlabeled:
+            supervised = [o.name for o in getattr(learner, "objectives", []) if o.needs_labels]
+            if supervised:
+                raise ValueError(f"the training data has no labels, but {learner.method}'s objectives "
+                                 f"{supervised} need them; train on labelled data, or give the learner objectives "
+                                 f"that read no label, e.g. objectives=['pouf'] or ['self-learning'] (or the "
+                                 f"methods pouf, self-learning)")
+            train_dataset = train_dataset if getattr(train_dataset, "labeled", True) is False else Unlabeled(
+                train_dataset, getattr(learner, "classnames", None))
+        labels = self._check_dataset(train_dataset, unlabeled=unlabeled)
         tasks = self._task_ids(train_dataset)
-        from ..data import has_random_transform  # the recipe's augmentation lives in the dataset, not here
 
         if cfg.augment and not has_random_transform(train_dataset) and distributed.is_main():
             warnings.warn(f"config.augment is {cfg.augment} but the training data's transform has no random op, so "
@@ -129,6 +140,12 @@ class PromptTrainer:
                    ) if val_dataset is not None else (None, None)
             build(features.mean(0), labels.to(self.device), *val)
             features = features if self._use_cache() else None
+        # Objectives that choose from the whole training set (UPL's top-K per class) see its frozen features first.
+        preparing = [o for o in getattr(learner, "objectives", []) if o.uses_dataset]
+        if preparing:
+            frozen = self._cache_features(train_dataset, passes=1, frozen=True)[0]
+            for objective in preparing:
+                objective.prepare(learner, frozen)
         params = learner.prompt_parameters()
         if not params and build is None:
             raise ValueError(f"{learner.method or type(learner).__name__} has no prompt parameters to train")
@@ -178,12 +195,13 @@ class PromptTrainer:
                     term_sums[name] = term_sums.get(name, 0) + value * len(local)
                 correct += n_correct.cpu()
                 if cfg.log_every and step % cfg.log_every == 0:
-                    bar.set_postfix(loss=f"{loss.item():.4f}", acc=f"{100 * correct.item() / max(seen // self.world, 1):.1f}",
-                                    img_s=f"{seen / (time.time() - tic):.0f}")
+                    bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{seen / (time.time() - tic):.0f}",
+                                    **({} if unlabeled else {"acc": f"{100 * correct.item() / max(seen // self.world, 1):.1f}"}))
             learner.on_epoch_end(epoch + 1, cfg.epochs)
             local_seen = max(seen // self.world, 1)
             metrics = {"epoch": epoch + 1, "step": step, "lr": self.lr_at(epoch),
-                       "train_loss": loss_sum.item() / local_seen, "train_top1": 100 * correct.item() / local_seen,
+                       "train_loss": loss_sum.item() / local_seen,
+                       **({} if unlabeled else {"train_top1": 100 * correct.item() / local_seen}),
                        **{f"train_{name}": float(value) / local_seen for name, value in term_sums.items()},
                        "images_per_s": seen / max(time.time() - tic, 1e-9)}
             last = epoch + 1 == cfg.epochs
@@ -214,12 +232,30 @@ class PromptTrainer:
         return metrics
 
     @torch.no_grad()
-    def evaluate(self, dataset, groups=None) -> dict:
+    def evaluate(self, dataset, groups=None, attack: str | None = None, eps: float = 1 / 255, steps: int = 100,
+                 step_size: float = 1 / 255, random_start: bool = True, seed: int = 0) -> dict:
         """`top1`, `top5`, `macro_f1`, `per_class`, `ece` (percent), `nll`, `n`; with `groups` (one integer
-        per sample, in dataset order) also `per_group` and `worst_group`. A multi-task dataset is scored per task,
-        its tasks are the default groups and `per_task` gives each task's top-1 by name. Text features once per
-        evaluation; under torchrun each rank evaluates a shard and the results are gathered."""
+        per sample, in dataset order) also `per_group` and `worst_group`. Text features once per evaluation;
+        under torchrun each rank evaluates a shard and the results are gathered.
+
+        With `attack="pgd"` each batch is also attacked (`promptkit.attacks.pgd`: L-inf PGD on pixels in [0, 1],
+        before the normalisation, with the true labels) and the metrics gain `robust_top1` (top-1 on the attacked
+        images; `top1` stays the clean one) and `attack` (the budget). The defaults are TeCoA's evaluation
+        budget (eps 1/255, 100 steps of 1/255, random start); `seed` fixes the random starts.
+
+        Raises:
+            ValueError: an unknown attack or a budget PGD cannot run with (eps < 0, ...).
+            promptkit.attacks.NotDifferentiableError: the learner's logits carry no gradient to the image.
+        """
+        from ..attacks import ATTACKS, check_budget, pgd, pixel_normalization
+
         learner, cfg = self.learner, self.config
+        if attack is not None:
+            if attack not in ATTACKS:
+                raise ValueError(f"unknown attack {attack!r}; attacks: {', '.join(ATTACKS)}")
+            check_budget(eps, steps, step_size)
+            mean, std = pixel_normalization(learner.clip)
+            generator = torch.Generator().manual_seed(seed * 1000003 + self.rank)
         self._check_dataset(dataset)
         tasks = self._task_ids(dataset)
         if tasks is not None and groups is None:
@@ -228,14 +264,23 @@ class PromptTrainer:
         index = torch.arange(self.rank, len(dataset), self.world)
         with self._autocast():
             text = learner.text_features()
-            logits, labels = [], []
+            logits, robust, labels = [], [], []
             for batch in self._loader(dataset, index.split(cfg.eval_batch_size)):
-                images, targets = batch[0].to(self.device, non_blocking=True), batch[1]
+                images, targets = batch[0].to(self.device, non_blocking=True), batch[1].to(self.device)
                 out = learner(images, text_features=text).float()
                 logits.append(out if tasks is None else learner.task_logits(out, batch[2]))
-                labels.append(targets.to(self.device))
+                labels.append(targets)
+                if attack is not None:
+                    adversarial = pgd(lambda x: learner(x, text_features=text), images, targets, eps=eps, steps=steps,
+                                      step_size=step_size, mean=mean, std=std, random_start=random_start,
+                                      generator=generator)
+                    robust.append(learner(adversarial, text_features=text).float())
         logits = distributed.gather_cat(torch.cat(logits))
         labels = distributed.gather_cat(torch.cat(labels))
+        robust_top1 = None
+        if attack is not None:  # in the gathered (rank) order, as `labels` still is
+            robust_correct = distributed.gather_cat(torch.cat(robust)).argmax(-1) == labels
+            robust_top1 = 100 * robust_correct.float().mean().item()
         if groups is not None:  # the shards come in rank order: back to dataset order, where `groups` is
             order = distributed.gather_cat(index.to(self.device)).argsort()
             logits, labels = logits[order], labels[order]
@@ -243,6 +288,10 @@ class PromptTrainer:
         if tasks is not None and "per_group" in metrics:
             metrics["per_task"] = {name: metrics["per_group"][t] for t, name in enumerate(dataset.task_names)
                                    if t in metrics["per_group"]}
+        if attack is not None:
+            metrics["robust_top1"] = robust_top1
+            metrics["attack"] = {"name": attack, "eps": eps, "steps": steps, "step_size": step_size,
+                                 "random_start": random_start, "seed": seed}
         return metrics
 
     def lr_at(self, epoch: int, group: str | None = None) -> float:
@@ -359,20 +408,25 @@ class PromptTrainer:
         if setting is True and self.learner.image_prompted:
             raise ValueError(f"cache_image_features=True but {self.learner.method} puts prompts into the image "
                              f"encoder, so its image features change every step; use 'auto' or False")
-        return bool(setting) and not self.learner.image_prompted
+        attacking = [o.name for o in getattr(self.learner, "objectives", []) if o.needs_images]
+        if setting is True and attacking:
+            raise ValueError(f"cache_image_features=True but objective {attacking[0]} needs the images themselves "
+                             f"(it attacks them); use 'auto' or False")
+        return bool(setting) and not self.learner.image_prompted and not attacking
 
     @torch.no_grad()
-    def _cache_features(self, dataset, passes: int | None = None) -> torch.Tensor:
+    def _cache_features(self, dataset, passes: int | None = None, frozen: bool = False) -> torch.Tensor:
         """[passes, N, D] image features, each image encoded once per pass (`config.cache_passes` by default;
-        every rank encodes all)."""
+        every rank encodes all); with `frozen`, plain CLIP's (no image prompt)."""
         self.learner.eval()
+        encode = self.learner.clip.encode_image if frozen else self.learner.encode_image
         out = []
         for p in range(self.config.cache_passes if passes is None else passes):
             torch.manual_seed(self.config.seed * 7919 + p)
             chunks = []
             with self._autocast():
                 for batch in self._loader(dataset, torch.arange(len(dataset)).split(self.config.eval_batch_size)):
-                    chunks.append(self.learner.encode_image(batch[0].to(self.device)).float())
+                    chunks.append(encode(batch[0].to(self.device)).float())
             out.append(torch.cat(chunks))
         return torch.stack(out)
 
@@ -380,7 +434,8 @@ class PromptTrainer:
         return DataLoader(dataset, batch_sampler=[b.tolist() for b in batches], num_workers=self.config.num_workers,
                           pin_memory=self.device.type == "cuda")
 
-    def _check_dataset(self, dataset) -> torch.Tensor:
+    def _check_dataset(self, dataset, unlabeled: bool = False) -> torch.Tensor:
+        """The labels of `dataset` ([N] of -1 when `unlabeled`), checked against the learner's classes."""
         if len(dataset) == 0:
             raise ValueError("the dataset is empty")
         names = getattr(dataset, "classnames", None)
@@ -388,6 +443,12 @@ class PromptTrainer:
         if names is not None and len(names) != n_classes:
             raise ValueError(f"the dataset has {len(names)} classes but the learner was built for {n_classes}; "
                              f"build the learner with the dataset's classnames")
+        if unlabeled:
+            return torch.full((len(dataset),), -1, dtype=torch.long)
+        from ..data import is_unlabeled
+
+        if is_unlabeled(dataset):
+            raise ValueError("the dataset has no labels; evaluation (and validation) needs labelled images")
         targets = getattr(dataset, "targets", None)
         labels = torch.as_tensor(targets if targets is not None else [dataset[i][1] for i in range(len(dataset))])
         if labels.min() < 0 or labels.max() >= n_classes:
