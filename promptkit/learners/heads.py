@@ -192,6 +192,33 @@ def search_C(x, y, val_x, val_y, max_iter: int = 1000) -> float:
     return 10.0 ** best
 
 
+def fit_linear_probe(features: torch.Tensor, labels: torch.Tensor, n_classes: int, C: float | None = None,
+                     max_iter: int = 1000, val_features: torch.Tensor | None = None,
+                     val_labels: torch.Tensor | None = None, method: str = "linear-probe"
+                     ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """CLIP's linear probe on image features [N, D] (normalised here) and labels [N]: C searched on the validation
+    features (`search_C`) unless given. Returns (weight [C, D], bias [C], C) with `logits = f @ weight.T + bias`.
+
+    Raises:
+        ValueError: no validation features while `C` is None, or a class without training images.
+    """
+    x, y = F.normalize(features.float(), dim=-1).cpu().numpy(), labels.cpu().numpy()
+    missing = sorted(set(range(n_classes)) - set(y.tolist()))
+    if missing:
+        raise ValueError(f"{method} needs training images of every class; none of classes {missing[:5]}")
+    if C is None:
+        if val_features is None:
+            raise ValueError(f"{method} searches C on validation features: pass a validation set "
+                             f"(PromptTrainer.fit(train, val)) or give C")
+        C = search_C(x, y, F.normalize(val_features.float(), dim=-1).cpu().numpy(), val_labels.cpu().numpy(),
+                     max_iter)
+    model = _logistic(C, max_iter).fit(x, y)
+    weight, bias = torch.as_tensor(model.coef_).float(), torch.as_tensor(model.intercept_).float()
+    if n_classes == 2:  # scikit-learn's one binary logit w.f + b is the softmax of (-(w.f + b), w.f + b) / 2
+        weight, bias = torch.cat([-weight, weight]) / 2, torch.cat([-bias, bias]) / 2
+    return weight, bias, C
+
+
 @register_method("linear-probe")
 class LinearProbe(ZeroShotCLIP):
     """CLIP's linear probe: L2-regularised multinomial logistic regression (scikit-learn, lbfgs) on the frozen,
@@ -226,21 +253,8 @@ class LinearProbe(ZeroShotCLIP):
         Raises:
             ValueError: no validation features while `C` is None, or a class without training images.
         """
-        x, y = F.normalize(features.float(), dim=-1).cpu().numpy(), labels.cpu().numpy()
-        missing = sorted(set(range(self.n_classes)) - set(y.tolist()))
-        if missing:
-            raise ValueError(f"linear-probe needs training images of every class; none of classes {missing[:5]}")
-        C = self.fixed_C
-        if C is None:
-            if val_features is None:
-                raise ValueError("linear-probe searches C on validation features: pass a validation set "
-                                 "(PromptTrainer.fit(train, val)) or give C")
-            C = search_C(x, y, F.normalize(val_features.float(), dim=-1).cpu().numpy(), val_labels.cpu().numpy(),
-                         self.max_iter)
-        model = _logistic(C, self.max_iter).fit(x, y)
-        weight, bias = torch.as_tensor(model.coef_).float(), torch.as_tensor(model.intercept_).float()
-        if self.n_classes == 2:  # scikit-learn's one binary logit w.f + b is the softmax of (-(w.f + b), w.f + b) / 2
-            weight, bias = torch.cat([-weight, weight]) / 2, torch.cat([-bias, bias]) / 2
+        weight, bias, C = fit_linear_probe(features, labels, self.n_classes, self.fixed_C, self.max_iter,
+                                           val_features, val_labels)
         self.weight.copy_(weight)
         self.bias.copy_(bias)
         self.chosen_C.fill_(C)
