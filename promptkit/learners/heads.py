@@ -265,3 +265,64 @@ class LinearProbe(ZeroShotCLIP):
     def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         with _fp32(image_features.device.type):
             return image_features.float() @ self.weight.t() + self.bias
+
+
+@register_method("contrastive-adapter")
+class ContrastiveAdapter(ZeroShotCLIP):
+    """Contrastive adapter (Zhang & Ré, "Contrastive Adapters for Foundation Model Group Robustness", NeurIPS 2022):
+    an MLP on the frozen image embeddings, trained with the `contrastive-adapter` objective so that embeddings of a
+    class that zero-shot CLIP separates (its groups) move together; logits = logit scale x normalised adapted
+    features @ class text features.
+
+    As the authors' code (network/adapter.py, the sample commands of its README): Linear(D, hidden) - BatchNorm1d
+    - ReLU - Linear(hidden, D), the first Linear without bias when batch-normalised, no residual connection by
+    default. Their classifier multiplies by 100 (OpenAI CLIP's logit scale); here the model's own scale. `fit`
+    (called by `PromptTrainer.fit` with the training set's features) keeps the features, labels and zero-shot
+    correctness the objective samples its anchors, positives and hard negatives from; the bank is not saved.
+
+    Args:
+        clip: the frozen model.
+        classnames: class names in label order.
+        hidden_dim: width of the MLP (the authors' 128).
+        batch_norm: BatchNorm1d after the first Linear (the authors' sample commands: on).
+        residual: add the input to the MLP's output (the authors' `--residual_connection`, off in their commands).
+        temperature, n_positives, n_negatives, n_neighbours, text: the loss (see
+            `promptkit.objectives.robust.ContrastiveAdapterLoss`).
+        templates: hand-crafted templates of the class text embeddings.
+        dataset: selects CoOp's per-dataset template.
+    """
+
+    def __init__(self, clip, classnames: Sequence[str], hidden_dim: int = 128, batch_norm: bool = True,
+                 residual: bool = False, temperature: float = 0.1, n_positives: int = 2048, n_negatives: int = 2048,
+                 n_neighbours: int = 4096, text: bool = True, templates: Sequence[str] | None = None,
+                 dataset: str | None = None):
+        super().__init__(clip, classnames, templates, dataset)
+        dim, device = clip.embed_dim, self._text_features.device
+        self.residual = residual
+        self.adapter = nn.Sequential(nn.Linear(dim, hidden_dim, bias=not batch_norm),
+                                     nn.BatchNorm1d(hidden_dim) if batch_norm else nn.Identity(), nn.ReLU(),
+                                     nn.Linear(hidden_dim, dim)).to(device)
+        self.set_objectives([("contrastive-adapter", dict(temperature=temperature, n_positives=n_positives,
+                                                          n_negatives=n_negatives, n_neighbours=n_neighbours, text=text))])
+        self.fit(torch.zeros(0, dim, device=device), torch.zeros(0, dtype=torch.long, device=device))
+
+    def embed(self, image_features: torch.Tensor) -> torch.Tensor:
+        """Adapted embeddings [B, D] (not normalised), in fp32."""
+        with _fp32(image_features.device.type):
+            x = image_features.float()
+            out = self.adapter(x)
+            return out + x if self.residual else out
+
+    def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        return super().logits(F.normalize(self.embed(image_features), dim=-1), text_features)
+
+    @torch.no_grad()
+    def fit(self, features: torch.Tensor, labels: torch.Tensor, val_features: torch.Tensor | None = None,
+            val_labels: torch.Tensor | None = None) -> None:
+        """Keeps the training set's frozen features [N, D] (normalised), labels [N] and whether zero-shot CLIP
+        classifies each correctly: the pool of the objective's positives and hard negatives."""
+        features = F.normalize(features.float(), dim=-1)
+        labels = labels.long().to(features.device)
+        correct = (features @ self._text_features.float().t()).argmax(-1).eq(labels)
+        for name, value in (("bank_features", features), ("bank_labels", labels), ("bank_correct", correct)):
+            self.register_buffer(name, value.to(self._text_features.device), persistent=False)
