@@ -108,7 +108,7 @@ def get_recipe(method: str, protocol: str = "few-shot", shots: int | None = 16,
         if at != shots:
             notes.append(f"Epochs are published for {', '.join(map(str, published))} shots; {asked} take the "
                          f"{at}-shot value.")
-    elif shots not in entry["shots"]:
+    elif entry["shots"] and shots not in entry["shots"]:  # no shots: trained on whole training sets
         notes.append(f"The authors trained this with {', '.join(map(str, entry['shots']))} shots; {asked} use the "
                      f"same values.")
     augment = entry["augment"]

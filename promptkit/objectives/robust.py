@@ -131,13 +131,12 @@ class ContrastiveAdapterLoss(Objective):
                                                         learner.bank_features[negatives.flatten()]])), dim=-1)
         z, zp, zn = embedded[:a], embedded[a:a + a * p].view(a, p, -1), embedded[a + a * p:].view(a, k, -1)
         s_pos = (z[:, None] * zp).sum(-1) / self.temperature
-        if self.text:
-            s_pos = torch.cat([(z * text[anchor_labels]).sum(-1, keepdim=True) / self.temperature, s_pos], 1)
-            positive_valid = torch.cat([positive_valid.new_ones(a, 1), positive_valid], 1)
         s_neg = ((z[:, None] * zn).sum(-1) / self.temperature).masked_fill(~negative_valid, float("-inf"))
-        if self.text:  # the other classes' text embeddings are negatives
-            others = (z @ text.t() / self.temperature).scatter(1, anchor_labels[:, None], float("-inf"))
-            s_neg = torch.cat([s_neg, others], 1)
+        if self.text:
+            s_text = z @ text.t() / self.temperature  # [A, C]
+            s_pos = torch.cat([s_text.gather(1, anchor_labels[:, None]), s_pos], 1)
+            positive_valid = torch.cat([positive_valid.new_ones(a, 1), positive_valid], 1)
+            s_neg = torch.cat([s_neg, s_text.scatter(1, anchor_labels[:, None], float("-inf"))], 1)
         log_prob = s_pos - torch.logaddexp(s_pos, s_neg.logsumexp(1, keepdim=True))
         counts = positive_valid.sum(1)
         per_anchor = -(log_prob * positive_valid).sum(1) / counts.clamp(min=1)
