@@ -306,11 +306,22 @@ class ContrastiveAdapter(ZeroShotCLIP):
                                                           n_negatives=n_negatives, n_neighbours=n_neighbours, text=text))])
         self.fit(torch.zeros(0, dim, device=device), torch.zeros(0, dtype=torch.long, device=device))
 
-    def embed(self, image_features: torch.Tensor) -> torch.Tensor:
-        """Adapted embeddings [B, D] (not normalised), in fp32."""
+    def embed(self, image_features: torch.Tensor, batch_statistics: bool = False) -> torch.Tensor:
+        """Adapted embeddings [B, D] (not normalised), in fp32. The batch norm normalises with the batch's statistics
+        (and updates its running ones) only for `batch_statistics=True` in training mode: the objective's pass.
+        Logits always use the running statistics, so a prediction never depends on the rest of its batch and
+        inference changes no buffer; the authors' classifier output is unused during contrastive epochs and
+        evaluated in eval mode."""
+        first, norm, _, last = self.adapter
         with _fp32(image_features.device.type):
             x = image_features.float()
-            out = self.adapter(x)
+            hidden = first(x)
+            if isinstance(norm, nn.BatchNorm1d) and not (batch_statistics and self.training):
+                hidden = F.batch_norm(hidden, norm.running_mean, norm.running_var, norm.weight, norm.bias,
+                                      training=False, eps=norm.eps)
+            else:
+                hidden = norm(hidden)
+            out = last(F.relu(hidden))
             return out + x if self.residual else out
 
     def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:

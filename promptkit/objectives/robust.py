@@ -128,7 +128,8 @@ class ContrastiveAdapterLoss(Objective):
         a, p, k = len(anchors), positives.shape[1], negatives.shape[1]
         # One pass through the adapter (its batch norm sees anchors, positives and negatives together).
         embedded = F.normalize(learner.embed(torch.cat([anchors, learner.bank_features[positives.flatten()],
-                                                        learner.bank_features[negatives.flatten()]])), dim=-1)
+                                                        learner.bank_features[negatives.flatten()]]),
+                                             batch_statistics=True), dim=-1)
         z, zp, zn = embedded[:a], embedded[a:a + a * p].view(a, p, -1), embedded[a + a * p:].view(a, k, -1)
         s_pos = (z[:, None] * zp).sum(-1) / self.temperature
         s_neg = ((z[:, None] * zn).sum(-1) / self.temperature).masked_fill(~negative_valid, float("-inf"))
