@@ -113,7 +113,11 @@ class ContrastiveAdapterLoss(Objective):
         same_class = bank_labels[None] == labels[:, None]
         pool = torch.rand(len(anchors), n, device=bank.device).masked_fill(~(same_class & bank_correct[None]), -1)
         drawn = pool.topk(min(self.n_positives, n), dim=1)
-        return drawn.indices, drawn.values >= 0, negatives, bank_labels[negatives] != labels[:, None]
+        # Valid draws come first (scores >= 0): columns no anchor fills are dropped, where the authors embed
+        # masked placeholders.
+        keep = max(int((drawn.values >= 0).sum(1).max()), 1)
+        return (drawn.indices[:, :keep], drawn.values[:, :keep] >= 0, negatives,
+                bank_labels[negatives] != labels[:, None])
 
     def forward(self, out, labels):
         learner = out.learner
