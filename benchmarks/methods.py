@@ -22,6 +22,8 @@ import torch
 SETUP = {"promptsrc": {"templates": ["itap of a {}.", "a bad photo of the {}.", "a origami {}.",
                                      "a photo of the large {}.", "a {} in a video game.", "art of the {}.",
                                      "a photo of the small {}."]}}
+# Methods with several prompt types: one row each.
+VARIANTS = {"mvlpt": [{"prompt": "text"}, {"prompt": "visual"}, {"prompt": "unified"}]}
 
 
 def worker(cfg: dict) -> dict:
@@ -33,7 +35,8 @@ def worker(cfg: dict) -> dict:
     labels = torch.arange(cfg["batch"], device=device) % cfg["classes"]
     start = time.perf_counter()
     head = {"head": cfg["head"]} if cfg.get("head") else {}
-    learner = promptkit.create_learner(cfg["method"], clip, names, **SETUP.get(cfg["method"], {}), **head).to(device)
+    learner = promptkit.create_learner(cfg["method"], clip, names, **SETUP.get(cfg["method"], {}),
+                                       **cfg.get("kwargs", {}), **head).to(device)
     setup = time.perf_counter() - start
     cached = not learner.image_prompted
     with torch.no_grad():
@@ -91,13 +94,15 @@ def main():
 
     rows = []
     for method in args.methods or promptkit.list_methods():
-        r = run_isolated(__file__, dict(method=method, arch=args.arch, classes=args.classes, batch=args.batch,
-                                        iters=args.iters, device=args.device, threads=args.threads,
-                                        head=args.head, bank=args.bank))
-        rows.append({"method": method, "s/iter": r["s_per_iter"], "peak MB": r["peak_mb"],
-                     "prompt params": r["params"], "image-feature cache": "yes" if r["cache"] else "no",
-                     "set-up s (once)": r["setup_s"]})
-        print(json.dumps(rows[-1]), flush=True)
+        for kwargs in VARIANTS.get(method, [{}]):
+            r = run_isolated(__file__, dict(method=method, kwargs=kwargs, arch=args.arch, classes=args.classes,
+                                            batch=args.batch, iters=args.iters, device=args.device,
+                                            threads=args.threads, head=args.head, bank=args.bank))
+            label = " ".join([method, *(f"{k}={v}" for k, v in kwargs.items())])
+            rows.append({"method": label, "s/iter": r["s_per_iter"], "peak MB": r["peak_mb"],
+                         "prompt params": r["params"], "image-feature cache": "yes" if r["cache"] else "no",
+                         "set-up s (once)": r["setup_s"]})
+            print(json.dumps(rows[-1]), flush=True)
     print(f"\n{args.arch}, C={args.classes}, batch {args.batch}, {args.device}; promptsrc with the 7-template "
           f"ensemble{'; head=' + args.head if args.head else ''}{'; bank %d' % args.bank if args.bank else ''}. "
           f"Machine: {machine()}\n")

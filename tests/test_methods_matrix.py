@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import promptkit
 from conftest import assert_unchanged, snapshot
 
-SMALL = {"coop": dict(n_ctx=4), "prograd": dict(n_ctx=4), "vpt": dict(n_vision=4), "cavpt": dict(n_ctx=4, n_vision=2, class_aware_layers=2, top_k=3),
+SMALL = {"coop": dict(n_ctx=4), "prograd": dict(n_ctx=4), "vpt": dict(n_vision=4), "mvlpt": dict(n_ctx=4), "cavpt": dict(n_ctx=4, n_vision=2, class_aware_layers=2, top_k=3),
          "promptsrc": dict(templates=["a photo of a {}.", "itap of a {}."]),
          "tip-adapter": dict(search_steps=(10, 4)), "tip-adapter-f": dict(search_steps=(10, 4)), "linear-probe": dict(C=1.0),
          "contrastive-adapter": dict(hidden_dim=16, n_positives=8, n_negatives=8, n_neighbours=16)}
@@ -84,6 +84,8 @@ NON_DEFAULT = {
     "vpt": dict(n_vision=3, vision_depth=2, templates=["itap of a {}."], init="uniform", init_std=0.5),
     "ivlp": dict(n_ctx=3, n_vision=3, ctx_init=None, text_depth=1, vision_depth=2, init_std=0.5),
     "maple": dict(n_ctx=3, ctx_init=None, depth=1),
+    "mvlpt": dict(prompt="unified", n_ctx=3, n_vision=2, ctx_init="a photo", class_token_position="end",
+                  vision_deep=False, project_dim=16, init_std=0.5),
     "promptsrc": dict(n_ctx=3, n_vision=3, ctx_init=None, text_depth=1, vision_depth=2, text_weight=2.0,
                       image_weight=3.0, gpa_mean=2.0, gpa_std=2.0, templates=["itap of a {}."]),
     "cavpt": dict(n_ctx=5, ctx_init="a photo", class_specific=True, class_token_position="middle", init_std=0.5,

@@ -24,6 +24,8 @@ KEYWORDS = {
     "vpt": {"n_vision", "vision_depth", "templates", "init", "init_std"},
     "ivlp": {"n_ctx", "n_vision", "ctx_init", "text_depth", "vision_depth", "init_std"},
     "maple": {"n_ctx", "ctx_init", "depth"},
+    "mvlpt": {"prompt", "n_ctx", "n_vision", "ctx_init", "class_token_position", "vision_deep", "project_dim",
+              "init_std"},
     "promptsrc": {"n_ctx", "n_vision", "ctx_init", "text_depth", "vision_depth", "text_weight", "image_weight",
                   "gpa_mean", "gpa_std", "templates"},
     "cavpt": {"n_ctx", "ctx_init", "class_specific", "class_token_position", "init_std", "n_vision",

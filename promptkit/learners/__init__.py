@@ -6,11 +6,12 @@ from .coop import CoOp
 from .heads import CLIPAdapter, LinearProbe, TipAdapter, TipAdapterF
 from .ivlp import IVLP, MaPLe
 from .kgcoop import KgCoOp
+from .mvlpt import MVLPT
 from .prograd import ProGrad
 from .promptsrc import PromptSRC
 from .tuning import PromptTuning
 from .vpt import VPT
 from .zeroshot import ZeroShotCLIP
 
-__all__ = ["LossOutput", "PromptLearner", "PromptTuning", "ZeroShotCLIP", "CoOp", "CoCoOp", "KgCoOp", "ProGrad",
+__all__ = ["LossOutput", "PromptLearner", "PromptTuning", "ZeroShotCLIP", "CoOp", "CoCoOp", "KgCoOp", "ProGrad", "MVLPT",
            "VPT", "IVLP", "MaPLe", "PromptSRC", "CAVPT", "CLIPAdapter", "TipAdapter", "TipAdapterF", "LinearProbe"]

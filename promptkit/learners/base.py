@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import types
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -57,6 +58,8 @@ class PromptLearner(nn.Module):
             `PromptTrainer.fit` runs both. Logits are then `normalised image features @ head.weight.T +
             head.bias`; the text prompts of text-side methods no longer reach the logits (only objectives that
             read text features see them).
+        tasks: multi-task training (`set_tasks`): task name -> its class names, all among `classnames`
+            (`MultiTaskDataset.tasks`); saved and rebuilt with the learner.
     """
 
     method: str = ""
@@ -77,6 +80,7 @@ class PromptLearner(nn.Module):
         self.init_seed: int | None = None
         self.objectives = nn.ModuleList()
         self.head: LinearHead | None = None
+        self.tasks: dict[str, list[str]] | None = None
 
     def set_objectives(self, items) -> None:
         """Builds and attaches the objectives (names, `(name, {keywords})` or instances)."""
@@ -95,6 +99,77 @@ class PromptLearner(nn.Module):
     @property
     def n_classes(self) -> int:
         return len(self.classnames)
+
+    # -- multi-task ----------------------------------------------------------------------------
+    def set_tasks(self, tasks) -> None:
+        """Makes this a multi-task learner: `tasks` maps each task name to its class names, all among
+        `classnames` (e.g. `MultiTaskDataset.tasks`). The prompts stay shared; each sample is then scored
+        against its own task's classes (`task_logits`).
+
+        Raises:
+            ValueError: no tasks, a task with no classes, or a class name that is not in `classnames`.
+        """
+        if not hasattr(tasks, "items") or not tasks:
+            raise ValueError("tasks must map each task name to its class names, e.g. dataset.tasks of a "
+                             "promptkit.data.MultiTaskDataset")
+        index = {name: i for i, name in enumerate(self.classnames)}
+        mask = torch.zeros(len(tasks), self.n_classes, dtype=torch.bool)
+        checked = {}
+        for t, (task, names) in enumerate(tasks.items()):
+            if isinstance(names, (str, bytes)) or len(names) == 0:
+                raise ValueError(f"task {task!r} has no classes; give every task the list of its class names")
+            names = check_classnames(names)
+            missing = [name for name in names if name not in index]
+            if missing:
+                raise ValueError(f"task {task!r} names classes that are not among the learner's classnames: "
+                                 f"{missing[:5]}; build the learner with the merged class names of all tasks "
+                                 f"(MultiTaskDataset.classnames)")
+            mask[t, [index[name] for name in names]] = True
+            checked[str(task)] = names
+        self.tasks = checked
+        self.register_buffer("task_mask", mask.to(self.clip.device), persistent=False)
+
+    @property
+    def task_names(self) -> list[str] | None:
+        return None if self.tasks is None else list(self.tasks)
+
+    def task_logits(self, logits: torch.Tensor, task) -> torch.Tensor:
+        """`logits` [B, C] scored per task: the classes outside each sample's task (`task` [B], indices into
+        `task_names`) get the lowest float, so softmax, cross-entropy and argmax see only the task's classes
+        (exactly a learner built on that task alone, with the same prompts).
+
+        Raises:
+            ValueError: a learner built without tasks, or a task id out of range.
+        """
+        if self.tasks is None:
+            raise ValueError(f"task ids were given but this {self.method or type(self).__name__} learner has no "
+                             f"tasks; build it with tasks=dataset.tasks (a promptkit.data.MultiTaskDataset)")
+        task = torch.as_tensor(task, device=logits.device).long()
+        if task.numel() and (int(task.min()) < 0 or int(task.max()) >= len(self.tasks)):
+            raise ValueError(f"task id out of range: got ids in [{int(task.min())}, {int(task.max())}], the learner "
+                             f"has {len(self.tasks)} tasks {self.task_names}")
+        return logits.masked_fill(~self.task_mask[task], torch.finfo(logits.dtype).min)
+
+    def init_from(self, source) -> None:
+        """Starts this learner's prompts from `source`'s (a learner or a `save_pretrained` directory): every
+        learned tensor is copied, the class-dependent token tables are this learner's own. MVLPT's transfer
+        of a multi-task source prompt to a target task; any two learners of one prompt type fit.
+
+        Raises:
+            ValueError: a different method, or prompts whose names or shapes differ (another prompt type,
+                context length or depth, class-specific context for other classes).
+        """
+        from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_json, load_tensors
+
+        if isinstance(source, PromptLearner):
+            method, state = source.method, source.prompt_state_dict()
+        else:
+            method = load_json(Path(source) / CONFIG_NAME)["method"]
+            state = load_tensors(Path(source) / WEIGHTS_NAME)
+        if method != self.method:
+            raise ValueError(f"cannot initialise a {self.method} learner from {method} prompts; train the source "
+                             f"with the same method and prompt keywords")
+        self.load_prompt_state_dict(state)
 
     # -- parameters ----------------------------------------------------------------------------
     def prompt_parameters(self) -> list[nn.Parameter]:
@@ -156,9 +231,12 @@ class PromptLearner(nn.Module):
         return TrainOutputs(self, self.logits(image_features, text), image_features, text, images)
 
     def training_loss(self, labels, images: torch.Tensor | None = None, *,
-                      image_features: torch.Tensor | None = None) -> LossOutput:
-        """The sum of the objectives' terms on one batch, every term kept for the log."""
+                      image_features: torch.Tensor | None = None, task: torch.Tensor | None = None) -> LossOutput:
+        """The sum of the objectives' terms on one batch, every term kept for the log. With `task` (a multi-task
+        batch: each sample's task id) the logits are scored per task (`task_logits`) before the objectives."""
         out = self.training_outputs(images, image_features=image_features)
+        if task is not None:
+            out.logits, out.task = self.task_logits(out.logits, task), task
         terms, rule_terms, additive = {}, None, []
         for objective in self.objectives:
             produced = objective(out, labels)
@@ -301,8 +379,10 @@ def _fit_probe_head(self, features: torch.Tensor, labels: torch.Tensor, val_feat
 
 
 def _construct(self, init, args, kw):
-    """Runs a learner's constructor with the keywords every learner takes: `seed`, `objectives` and `head`."""
-    seed, objectives, head = kw.pop("seed", None), kw.pop("objectives", None), kw.pop("head", "text")
+    """Runs a learner's constructor with the keywords every learner takes: `seed`, `objectives`, `tasks` and
+    `head`."""
+    seed, objectives, tasks = kw.pop("seed", None), kw.pop("objectives", None), kw.pop("tasks", None)
+    head = kw.pop("head", "text")
     if seed is None:
         init(*args, **kw)
     else:
@@ -318,6 +398,9 @@ def _construct(self, init, args, kw):
         self.hparams["objectives"] = [o.spec() for o in self.objectives]
     elif not len(self.objectives):
         self.set_objectives(["ce"])
+    if tasks is not None:
+        self.set_tasks(tasks)
+        self.hparams["tasks"] = self.tasks
     _attach_head(self, head)
     if head != "text":
         self.hparams["head"] = head

@@ -28,6 +28,7 @@ class TrainOutputs:
             the image, e.g. CoCoOp; `class_text_features()` then gives the learner's class-level summary).
         images: the batch's images (None when the trainer serves cached image features).
         extras: method-specific outputs (CAVPT: `class_aware_logits`, `top`, `handcrafted_text`).
+        task: each sample's task id in a multi-task batch (`logits` are then scored per task), else None.
     """
 
     learner: nn.Module
@@ -37,6 +38,7 @@ class TrainOutputs:
     images: torch.Tensor | None = None
     extras: dict = field(default_factory=dict)
     frozen: torch.Tensor | None = None
+    task: torch.Tensor | None = None
 
     def frozen_image_features(self) -> torch.Tensor:
         """Frozen CLIP's normalised image features of the batch (no prompts, no grad), computed once."""

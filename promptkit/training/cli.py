@@ -132,6 +132,9 @@ def configure(parser: argparse.ArgumentParser, command: str) -> None:
                             help="the benchmark trained on (e.g. oxford_pets, dtd, imagenet): per-dataset recipe "
                                  "values, and the method's per-dataset templates where it has them")
         parser.add_argument("--config", default=None, help="TrainConfig as JSON or YAML (over the recipe)")
+        parser.add_argument("--init-from", default=None, metavar="DIR",
+                            help="start the prompts from a save_pretrained directory of the same method and prompt "
+                                 "keywords (MVLPT's target from its multi-task source; class names may differ)")
         parser.add_argument("--resume", action="store_true", help="continue the run in OUT from OUT/checkpoint")
         parser.add_argument("--overwrite", action="store_true", help="delete the run already in OUT first")
         parser.add_argument("overrides", nargs="*", metavar="key=value",
@@ -182,6 +185,8 @@ def run(args: argparse.Namespace) -> int:
     val = load_split(args, clip, "val", shots=None if args.shots is None else min(args.shots, 4), seed=seed,
                      allow_fewer=args.allow_fewer) if has_splits(args) else None
     learner = create_learner(args.method, clip, train.classnames, seed=seed, **method_keys)  # seeded prompt init
+    if args.init_from:
+        learner.init_from(args.init_from)
     if args.overwrite:
         for path in old_run:
             if path.is_dir():

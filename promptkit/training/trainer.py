@@ -37,9 +37,12 @@ def _write_csv(path, columns, rows) -> None:
 
 
 def data_fingerprint(dataset, labels: torch.Tensor) -> dict:
-    """Size and a digest of a dataset's identity: class names, labels and which samples (file paths, subset
-    indices, or the bytes of in-memory tensors), so a resume can tell that the data changed."""
-    digest = hashlib.sha256(json.dumps([list(getattr(dataset, "classnames", [])), labels.tolist()]).encode())
+    """Size and a digest of a dataset's identity: class names, labels (and tasks) and which samples (file paths,
+    subset indices, or the bytes of in-memory tensors), so a resume can tell that the data changed."""
+    identity = [list(getattr(dataset, "classnames", [])), labels.tolist()]
+    if getattr(dataset, "task_ids", None) is not None:
+        identity += [dataset.tasks, list(dataset.task_ids)]
+    digest = hashlib.sha256(json.dumps(identity).encode())
     _digest_samples(dataset, digest)
     return {"n": len(labels), "fingerprint": digest.hexdigest()}
 
@@ -49,6 +52,11 @@ def _digest_samples(dataset, digest) -> None:
     if indices is not None and inner is not None:  # Subset-like
         digest.update(json.dumps(list(map(int, indices))).encode())
         _digest_samples(inner, digest)
+        return
+    parts = getattr(dataset, "datasets", None)
+    if isinstance(parts, dict):  # MultiTaskDataset
+        for part in parts.values():
+            _digest_samples(part, digest)
         return
     samples = getattr(dataset, "samples", None)
     if samples is not None:
@@ -63,7 +71,9 @@ def _digest_samples(dataset, digest) -> None:
 class PromptTrainer:
     """Trains `learner.prompt_parameters()` and nothing else.
 
-    The loss is `learner.training_loss(...)`: methods add their terms there, never here. Text
+    The loss is `learner.training_loss(...)`: methods add their terms there, never here. A multi-task dataset
+    (`promptkit.data.MultiTaskDataset`: samples `(image, label, task)`) trains a learner built with its
+    `tasks`: each batch's task ids go to `training_loss(..., task=)` and evaluation scores per task. Text
     features are computed once per step (inside the loss) and once per evaluation; image features
     are encoded once per image when the learner's image path carries no prompt (see
     `TrainConfig.cache_image_features`).
@@ -92,6 +102,7 @@ class PromptTrainer:
         Returns the last evaluation (or training) metrics."""
         cfg, learner = self.config, self.learner
         labels = self._check_dataset(train_dataset)
+        tasks = self._task_ids(train_dataset)
         from ..data import has_random_transform  # the recipe's augmentation lives in the dataset, not here
 
         if cfg.augment and not has_random_transform(train_dataset) and distributed.is_main():
@@ -159,7 +170,7 @@ class PromptTrainer:
                 local = local_batches[i]
                 images = None if loader is None else next(loader)[0]
                 loss, n_correct, terms = self._step(optimizer, scaler, params, local, labels, features, images,
-                                                    epoch, step)
+                                                    epoch, step, tasks)
                 step += 1
                 seen += batch
                 loss_sum += loss.detach().cpu() * len(local)
@@ -205,25 +216,34 @@ class PromptTrainer:
     @torch.no_grad()
     def evaluate(self, dataset, groups=None) -> dict:
         """`top1`, `top5`, `macro_f1`, `per_class`, `ece` (percent), `nll`, `n`; with `groups` (one integer
-        per sample, in dataset order) also `per_group` and `worst_group`. Text features once per evaluation;
-        under torchrun each rank evaluates a shard and the results are gathered."""
+        per sample, in dataset order) also `per_group` and `worst_group`. A multi-task dataset is scored per task,
+        its tasks are the default groups and `per_task` gives each task's top-1 by name. Text features once per
+        evaluation; under torchrun each rank evaluates a shard and the results are gathered."""
         learner, cfg = self.learner, self.config
         self._check_dataset(dataset)
+        tasks = self._task_ids(dataset)
+        if tasks is not None and groups is None:
+            groups = tasks.tolist()
         learner.eval()
         index = torch.arange(self.rank, len(dataset), self.world)
         with self._autocast():
             text = learner.text_features()
             logits, labels = [], []
-            for images, targets in self._loader(dataset, index.split(cfg.eval_batch_size)):
-                images = images.to(self.device, non_blocking=True)
-                logits.append(learner(images, text_features=text).float())
+            for batch in self._loader(dataset, index.split(cfg.eval_batch_size)):
+                images, targets = batch[0].to(self.device, non_blocking=True), batch[1]
+                out = learner(images, text_features=text).float()
+                logits.append(out if tasks is None else learner.task_logits(out, batch[2]))
                 labels.append(targets.to(self.device))
         logits = distributed.gather_cat(torch.cat(logits))
         labels = distributed.gather_cat(torch.cat(labels))
         if groups is not None:  # the shards come in rank order: back to dataset order, where `groups` is
             order = distributed.gather_cat(index.to(self.device)).argsort()
             logits, labels = logits[order], labels[order]
-        return classification_metrics(logits, labels, n_bins=cfg.ece_bins, groups=groups)
+        metrics = classification_metrics(logits, labels, n_bins=cfg.ece_bins, groups=groups)
+        if tasks is not None and "per_group" in metrics:
+            metrics["per_task"] = {name: metrics["per_group"][t] for t, name in enumerate(dataset.task_names)
+                                   if t in metrics["per_group"]}
+        return metrics
 
     def lr_at(self, epoch: int, group: str | None = None) -> float:
         """Learning rate of a 0-based epoch, as Dassl (CoOp and the papers built on it) schedules it: constant
@@ -250,8 +270,9 @@ class PromptTrainer:
         return "\n".join(lines)
 
     # -- steps ---------------------------------------------------------------------------------------
-    def _step(self, optimizer, scaler, params, local, labels, features, images, epoch, step):
-        """One optimizer step on this rank's part of the global batch: cached `features` or loaded `images`."""
+    def _step(self, optimizer, scaler, params, local, labels, features, images, epoch, step, tasks=None):
+        """One optimizer step on this rank's part of the global batch: cached `features` or loaded `images`
+        (and, for a multi-task dataset, every sample's task id from `tasks`)."""
         cfg, learner = self.config, self.learner
         optimizer.zero_grad(set_to_none=True)
         total, n_correct = torch.zeros((), device=self.device), torch.zeros((), dtype=torch.long, device=self.device)
@@ -261,11 +282,13 @@ class PromptTrainer:
         image_chunks = None if images is None else images.chunk(cfg.grad_accum_steps)
         for j, micro in enumerate(local.chunk(cfg.grad_accum_steps)):
             y = labels[micro].to(self.device)
+            task = {} if tasks is None else {"task": tasks[micro].to(self.device)}
             with self._autocast():
                 if features is not None:
-                    out = learner.training_loss(y, image_features=features[epoch % len(features)][micro].to(self.device))
+                    out = learner.training_loss(y, image_features=features[epoch % len(features)][micro].to(self.device),
+                                                **task)
                 else:
-                    out = learner.training_loss(y, image_chunks[j].to(self.device, non_blocking=True))
+                    out = learner.training_loss(y, image_chunks[j].to(self.device, non_blocking=True), **task)
             loss = out.loss / cfg.grad_accum_steps
             if out.gradient_terms:
                 for name, term in out.gradient_terms.items():
@@ -348,8 +371,8 @@ class PromptTrainer:
             torch.manual_seed(self.config.seed * 7919 + p)
             chunks = []
             with self._autocast():
-                for images, _ in self._loader(dataset, torch.arange(len(dataset)).split(self.config.eval_batch_size)):
-                    chunks.append(self.learner.encode_image(images.to(self.device)).float())
+                for batch in self._loader(dataset, torch.arange(len(dataset)).split(self.config.eval_batch_size)):
+                    chunks.append(self.learner.encode_image(batch[0].to(self.device)).float())
             out.append(torch.cat(chunks))
         return torch.stack(out)
 
@@ -370,6 +393,25 @@ class PromptTrainer:
         if labels.min() < 0 or labels.max() >= n_classes:
             raise ValueError(f"labels must be in [0, {n_classes}); found [{int(labels.min())}, {int(labels.max())}]")
         return labels.long()
+
+    def _task_ids(self, dataset) -> torch.Tensor | None:
+        """Each sample's task id of a multi-task dataset (None for a single-task one), checked against the
+        learner's tasks."""
+        ids = getattr(dataset, "task_ids", None)
+        if ids is None:
+            return None
+        learner_tasks = getattr(self.learner, "tasks", None)
+        if learner_tasks is None:
+            raise ValueError(f"the dataset has tasks {list(dataset.tasks)} but the learner was built without them; "
+                             f"build it with create_learner(method, clip, dataset.classnames, tasks=dataset.tasks)")
+        if dict(learner_tasks) != dict(dataset.tasks) or list(learner_tasks) != list(dataset.tasks):
+            raise ValueError(f"the dataset's tasks {list(dataset.tasks)} (and their classes) differ from the "
+                             f"learner's {list(learner_tasks)}; build the learner with tasks=dataset.tasks")
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        if ids.min() < 0 or ids.max() >= len(learner_tasks):
+            raise ValueError(f"task ids must be in [0, {len(learner_tasks)}); found [{int(ids.min())}, "
+                             f"{int(ids.max())}]")
+        return ids
 
     # -- checkpoints and logs ---------------------------------------------------------------------------
     def _save_checkpoint(self, optimizer, scaler, epoch, step, best) -> None:
