@@ -1,12 +1,16 @@
 """Every registered method: time per training iteration (training_loss forward + backward) and peak memory.
 
-    python benchmarks/methods.py [--arch ViT-B-32] [--classes 100] [--batch 8] [--iters 2]
+    python benchmarks/methods.py [--arch ViT-B-32] [--classes 100] [--batch 8] [--iters 2] [--head linear-probe]
+                                 [--bank 1600]
 
 Random weights (no download), same images for all; each method runs in its own process. Methods
 whose image path carries no prompt can use the trainer's image-feature cache: their time is given
 with cached features (what PromptTrainer does), the others encode the batch every step. TeCoA's step includes
 its 2-step PGD attack on the batch (3 extra image passes, 2 of them with a backward to the pixels); POUF's and
-self-learning's read no label (they are timed on the same batch).
+self-learning's read no label (they are timed on the same batch). `--head` gives every
+learner that LP-FT head (stage 2's step; stage 1 is the linear probe's one-off fit); `--bank N` first calls the
+`fit` of learners built from data with N random image features (the contrastive adapter's pool of positives and
+hard negatives, Tip-Adapter's cache), as the trainer does with the training set's.
 """
 from __future__ import annotations
 
@@ -32,12 +36,17 @@ def worker(cfg: dict) -> dict:
     images = torch.randn(cfg["batch"], 3, size, size, device=device)
     labels = torch.arange(cfg["batch"], device=device) % cfg["classes"]
     start = time.perf_counter()
+    head = {"head": cfg["head"]} if cfg.get("head") else {}
     learner = promptkit.create_learner(cfg["method"], clip, names, **SETUP.get(cfg["method"], {}),
-                                       **cfg.get("kwargs", {})).to(device)
+                                       **cfg.get("kwargs", {}), **head).to(device)
     setup = time.perf_counter() - start
-    cached, params = not learner.image_prompted, learner.prompt_parameters()
+    cached = not learner.image_prompted
     with torch.no_grad():
         features = learner.encode_image(images) if cached else None
+    if cfg.get("bank") and hasattr(learner, "fit"):
+        bank = torch.nn.functional.normalize(torch.randn(cfg["bank"], clip.embed_dim, device=device), dim=-1)
+        learner.fit(bank, torch.arange(cfg["bank"], device=device) % cfg["classes"])
+    params = learner.prompt_parameters()
 
     def step():
         if cached:
@@ -75,6 +84,8 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--iters", type=int, default=2)
     parser.add_argument("--methods", nargs="*", default=None)
+    parser.add_argument("--head", default=None, choices=["zeroshot", "linear-probe"], help="LP-FT head for every method")
+    parser.add_argument("--bank", type=int, default=0, help="image features handed to the learners' fit first")
     add_common_args(parser)
     args = parser.parse_args()
     if args.worker:
@@ -88,14 +99,15 @@ def main():
         for kwargs in VARIANTS.get(method, [{}]):
             r = run_isolated(__file__, dict(method=method, kwargs=kwargs, arch=args.arch, classes=args.classes,
                                             batch=args.batch, iters=args.iters, device=args.device,
-                                            threads=args.threads))
+                                            threads=args.threads, head=args.head, bank=args.bank))
             label = " ".join([method, *(f"{k}={v}" for k, v in kwargs.items())])
             rows.append({"method": label, "s/iter": r["s_per_iter"], "peak MB": r["peak_mb"],
                          "prompt params": r["params"], "image-feature cache": "yes" if r["cache"] else "no",
                          "set-up s (once)": r["setup_s"]})
             print(json.dumps(rows[-1]), flush=True)
     print(f"\n{args.arch}, C={args.classes}, batch {args.batch}, {args.device}; promptsrc with the 7-template "
-          f"ensemble. Machine: {machine()}\n")
+          f"ensemble{'; head=' + args.head if args.head else ''}{'; bank %d' % args.bank if args.bank else ''}. "
+          f"Machine: {machine()}\n")
     print(table(rows, list(rows[0])))
 
 

@@ -12,7 +12,8 @@ from conftest import assert_unchanged, snapshot
 SMALL = {"coop": dict(n_ctx=4), "prograd": dict(n_ctx=4), "vpt": dict(n_vision=4), "mvlpt": dict(n_ctx=4), "cavpt": dict(n_ctx=4, n_vision=2, class_aware_layers=2, top_k=3),
          "promptsrc": dict(templates=["a photo of a {}.", "itap of a {}."]),
          "tip-adapter": dict(search_steps=(10, 4)), "tip-adapter-f": dict(search_steps=(10, 4)), "linear-probe": dict(C=1.0),
-         "tecoa": dict(n_tokens=4, init_std=0.02)}
+         "tecoa": dict(n_tokens=4, init_std=0.02),
+         "contrastive-adapter": dict(hidden_dim=16, n_positives=8, n_negatives=8, n_neighbours=16)}
 
 
 def build(name, clip, classnames):
@@ -102,7 +103,32 @@ NON_DEFAULT = {
                  transport_weight=2.0, mi_weight=0.5),
     "self-learning": dict(n_ctx=3, ctx_init=None, class_specific=True, class_token_position="front", init_std=0.5,
                           loss="soft", q=0.5, teacher="zero-shot", top_k=2, templates=["itap of a {}."]),
+    "contrastive-adapter": dict(hidden_dim=16, batch_norm=False, residual=True, temperature=0.5, n_positives=4,
+                                n_negatives=4, n_neighbours=8, text=False, templates=["itap of a {}."], dataset="dtd"),
 }
+
+
+@pytest.mark.parametrize("name, head", [("coop", "zeroshot"), ("coop", "linear-probe"), ("vpt", "linear-probe"),
+                                        ("cocoop", "zeroshot"), ("clip-adapter", "linear-probe")])
+def test_linear_heads_join_the_contract(name, head, vit_clip, classnames, images, tmp_path):
+    """LP-FT's `head=` on any learner: the head is a prompt parameter that gradients reach, CLIP stays frozen,
+    and the learner saves and loads with its head."""
+    before = snapshot(vit_clip)
+    learner = promptkit.create_learner(name, vit_clip, classnames, seed=0, head=head, **SMALL.get(name, {}))
+    if head == "linear-probe":
+        features = F.normalize(torch.randn(2 * len(classnames), vit_clip.embed_dim,
+                                           generator=torch.Generator().manual_seed(0)), dim=-1)
+        labels = torch.arange(len(classnames)).repeat(2)
+        learner.fit(features, labels, features, labels)
+    assert {id(learner.head.weight), id(learner.head.bias)} <= {id(p) for p in learner.prompt_parameters()}
+    learner.training_loss(torch.arange(len(images)) % len(classnames), images).loss.backward()
+    assert learner.head.weight.grad.abs().sum() > 0
+    assert_unchanged(vit_clip, before)
+    learner.save_pretrained(tmp_path)
+    loaded = promptkit.load_pretrained(tmp_path, vit_clip)
+    assert loaded.hparams == learner.hparams and loaded.hparams["head"] == head
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), learner(images), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("name", promptkit.list_methods())

@@ -37,6 +37,8 @@ KEYWORDS = {
              "mi_weight"},
     "self-learning": {"n_ctx", "ctx_init", "class_specific", "class_token_position", "init_std", "loss", "q",
                       "teacher", "top_k", "templates"},
+    "contrastive-adapter": {"hidden_dim", "batch_norm", "residual", "temperature", "n_positives", "n_negatives",
+                            "n_neighbours", "text", "templates", "dataset"},
 }
 ENTRY_KEYS = {"optimizer", "lr", "momentum", "weight_decay", "batch_size", "shots", "epochs", "warmup_epochs",
               "warmup_lr", "scheduler", "precision", "augment", "method_kwargs", "datasets", "notes", "param_groups",

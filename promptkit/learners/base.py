@@ -1,6 +1,7 @@
 """PromptLearner: what every method is, and the one interface the trainer and adapters use."""
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -47,6 +48,16 @@ class PromptLearner(nn.Module):
             global generator.
         objectives: replaces the method's objectives: names, `(name, {keywords})` or `Objective`
             instances, e.g. `["ce", ("kgcoop", {"weight": 8.0})]`; saved and rebuilt with the learner.
+        head: the classifier (LP-FT, Kumar et al., ICLR 2022). "text" (default): the method's own, image
+            features against class text features. "zeroshot": a trainable linear head (`head.weight` [C, D],
+            `head.bias` [C]) replacing the text classifier, initialised from the zero-shot classifier (logit
+            scale x hand-crafted text features of the learner's `templates`, else "a photo of a {}.").
+            "linear-probe": the same head, first fitted by `fit` as CLIP's linear probe (scikit-learn, C
+            searched on validation, `promptkit.learners.heads.fit_linear_probe`) on the features the learner's
+            image path gives at initialisation (stage 1, LP), then trained with the prompts (stage 2, FT);
+            `PromptTrainer.fit` runs both. Logits are then `normalised image features @ head.weight.T +
+            head.bias`; the text prompts of text-side methods no longer reach the logits (only objectives that
+            read text features see them).
         tasks: multi-task training (`set_tasks`): task name -> its class names, all among `classnames`
             (`MultiTaskDataset.tasks`); saved and rebuilt with the learner.
     """
@@ -68,6 +79,7 @@ class PromptLearner(nn.Module):
         self.hparams: dict = {}
         self.init_seed: int | None = None
         self.objectives = nn.ModuleList()
+        self.head: LinearHead | None = None
         self.tasks: dict[str, list[str]] | None = None
 
     def set_objectives(self, items) -> None:
@@ -189,10 +201,12 @@ class PromptLearner(nn.Module):
         """Normalised class text features [C, D]."""
         raise NotImplementedError
 
-    def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-        """Scaled cosine logits [B, C], in fp32 even under autocast: at |logit| ~ 30, bf16's spacing of
-        0.125 flips near-tied predictions, pseudo-labels and votes."""
+    def logits(self, image_features: torch.Tensor, text_features: torch.Tensor | None) -> torch.Tensor:
+        """Scaled cosine logits [B, C] (or the linear `head`'s, see `head=`), in fp32 even under autocast: at
+        |logit| ~ 30, bf16's spacing of 0.125 flips near-tied predictions, pseudo-labels and votes."""
         with torch.autocast(image_features.device.type, enabled=False):
+            if self.head is not None:
+                return self.head(image_features)
             return self.clip.logit_scale.float() * image_features.float() @ text_features.float().t()
 
     def forward(self, images: torch.Tensor | None = None, *, image_features: torch.Tensor | None = None,
@@ -284,6 +298,8 @@ class PromptLearner(nn.Module):
                                       for name in ("encode_image", "logits", "forward")):
             raise ValueError(f"{self.method or own.__name__}'s classifier depends on the image, so it is not a "
                              f"fixed linear head on CLIP's image features")
+        if self.head is not None:
+            return self.head.weight.detach(), self.head.bias.detach()
         with torch.no_grad():
             weight = self.clip.logit_scale.detach().float() * self.text_features().float()
         return weight, torch.zeros(len(weight), device=weight.device)
@@ -304,9 +320,69 @@ class PromptLearner(nn.Module):
         return f"method={self.method!r}, classes={self.n_classes}, hparams={self.hparams}"
 
 
+HEADS = ("text", "zeroshot", "linear-probe")
+
+
+class LinearHead(nn.Module):
+    """A linear classifier on normalised image features: `logits = f @ weight.T + bias` (fp32). `chosen_C` keeps
+    the C of the probe that initialised it (NaN otherwise)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().float().clone())
+        self.bias = nn.Parameter(bias.detach().float().clone())
+        self.register_buffer("chosen_C", torch.tensor(float("nan"), dtype=torch.float64, device=weight.device))
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        return image_features.float() @ self.weight.t() + self.bias
+
+
+def _attach_head(learner: PromptLearner, kind: str) -> None:
+    """Replaces the text classifier by a `LinearHead` (see `PromptLearner`'s `head=`)."""
+    if kind not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {kind!r}")
+    if kind == "text":
+        return
+    own = type(learner)
+    if own.linear_head is not PromptLearner.linear_head:
+        raise ValueError(f"{learner.method or own.__name__} is a linear head already; head={kind!r} applies to the "
+                         f"learners that classify with text features (use head='text')")
+    clip = learner.clip
+    with torch.no_grad():
+        text = clip.zero_shot_text_features(learner.classnames, getattr(learner, "templates", None)
+                                            or ["a photo of a {}."])
+        weight = clip.logit_scale.detach().float() * text.float()
+    learner.head = LinearHead(weight, torch.zeros(len(weight), device=weight.device))
+    if kind == "linear-probe":
+        # An instance attribute, so that only learners with a probe head offer the trainer's `fit` hook (a class
+        # method would make the trainer encode every learner's training set first); a bound method, so that
+        # copies of the learner fit their own head.
+        learner.fit = types.MethodType(_fit_probe_head, learner)
+
+
+def _fit_probe_head(self, features: torch.Tensor, labels: torch.Tensor, val_features: torch.Tensor | None = None,
+                    val_labels: torch.Tensor | None = None) -> None:
+    """LP-FT's stage 1: the head becomes CLIP's linear probe fitted on `features` [N, D] (the learner's image
+    features at initialisation; normalised) and `labels`, C searched on the validation features; then the
+    learner's own `fit`, if its class has one (Tip-Adapter's cache)."""
+    from .heads import fit_linear_probe
+
+    weight, bias, C = fit_linear_probe(features, labels, self.n_classes, None, 1000, val_features, val_labels,
+                                       method=f"{self.method} with head='linear-probe'")
+    with torch.no_grad():
+        self.head.weight.copy_(weight)
+        self.head.bias.copy_(bias)
+        self.head.chosen_C.fill_(C)
+    own = getattr(type(self), "fit", None)
+    if own is not None:
+        own(self, features, labels, val_features, val_labels)
+
+
 def _construct(self, init, args, kw):
-    """Runs a learner's constructor with the keywords every learner takes: `seed` and `objectives`."""
+    """Runs a learner's constructor with the keywords every learner takes: `seed`, `objectives`, `tasks` and
+    `head`."""
     seed, objectives, tasks = kw.pop("seed", None), kw.pop("objectives", None), kw.pop("tasks", None)
+    head = kw.pop("head", "text")
     if seed is None:
         init(*args, **kw)
     else:
@@ -325,6 +401,9 @@ def _construct(self, init, args, kw):
     if tasks is not None:
         self.set_tasks(tasks)
         self.hparams["tasks"] = self.tasks
+    _attach_head(self, head)
+    if head != "text":
+        self.hparams["head"] = head
 
 
 def check_classnames(classnames) -> list[str]:

@@ -61,9 +61,11 @@ class CoCoOp(CoOp):
         return TrainOutputs(self, self(image_features=image_features), image_features, None, images)
 
     def forward(self, images=None, *, image_features=None, text_features=None) -> torch.Tensor:
-        """Logits [B, C] against each image's own prompts (`text_features` is not used)."""
+        """Logits [B, C] against each image's own prompts (`text_features` is not used), or the linear `head`'s."""
         if image_features is None:
             image_features = self.encode_image(images)
+        if self.head is not None:
+            return self.logits(image_features, None)
         logits = []
         for chunk in image_features.split(self.text_batch):
             text = self.context_text_features(self.tunable_context(chunk))

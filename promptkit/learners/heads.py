@@ -192,6 +192,33 @@ def search_C(x, y, val_x, val_y, max_iter: int = 1000) -> float:
     return 10.0 ** best
 
 
+def fit_linear_probe(features: torch.Tensor, labels: torch.Tensor, n_classes: int, C: float | None = None,
+                     max_iter: int = 1000, val_features: torch.Tensor | None = None,
+                     val_labels: torch.Tensor | None = None, method: str = "linear-probe"
+                     ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """CLIP's linear probe on image features [N, D] (normalised here) and labels [N]: C searched on the validation
+    features (`search_C`) unless given. Returns (weight [C, D], bias [C], C) with `logits = f @ weight.T + bias`.
+
+    Raises:
+        ValueError: no validation features while `C` is None, or a class without training images.
+    """
+    x, y = F.normalize(features.float(), dim=-1).cpu().numpy(), labels.cpu().numpy()
+    missing = sorted(set(range(n_classes)) - set(y.tolist()))
+    if missing:
+        raise ValueError(f"{method} needs training images of every class; none of classes {missing[:5]}")
+    if C is None:
+        if val_features is None:
+            raise ValueError(f"{method} searches C on validation features: pass a validation set "
+                             f"(PromptTrainer.fit(train, val)) or give C")
+        C = search_C(x, y, F.normalize(val_features.float(), dim=-1).cpu().numpy(), val_labels.cpu().numpy(),
+                     max_iter)
+    model = _logistic(C, max_iter).fit(x, y)
+    weight, bias = torch.as_tensor(model.coef_).float(), torch.as_tensor(model.intercept_).float()
+    if n_classes == 2:  # scikit-learn's one binary logit w.f + b is the softmax of (-(w.f + b), w.f + b) / 2
+        weight, bias = torch.cat([-weight, weight]) / 2, torch.cat([-bias, bias]) / 2
+    return weight, bias, C
+
+
 @register_method("linear-probe")
 class LinearProbe(ZeroShotCLIP):
     """CLIP's linear probe: L2-regularised multinomial logistic regression (scikit-learn, lbfgs) on the frozen,
@@ -226,21 +253,8 @@ class LinearProbe(ZeroShotCLIP):
         Raises:
             ValueError: no validation features while `C` is None, or a class without training images.
         """
-        x, y = F.normalize(features.float(), dim=-1).cpu().numpy(), labels.cpu().numpy()
-        missing = sorted(set(range(self.n_classes)) - set(y.tolist()))
-        if missing:
-            raise ValueError(f"linear-probe needs training images of every class; none of classes {missing[:5]}")
-        C = self.fixed_C
-        if C is None:
-            if val_features is None:
-                raise ValueError("linear-probe searches C on validation features: pass a validation set "
-                                 "(PromptTrainer.fit(train, val)) or give C")
-            C = search_C(x, y, F.normalize(val_features.float(), dim=-1).cpu().numpy(), val_labels.cpu().numpy(),
-                         self.max_iter)
-        model = _logistic(C, self.max_iter).fit(x, y)
-        weight, bias = torch.as_tensor(model.coef_).float(), torch.as_tensor(model.intercept_).float()
-        if self.n_classes == 2:  # scikit-learn's one binary logit w.f + b is the softmax of (-(w.f + b), w.f + b) / 2
-            weight, bias = torch.cat([-weight, weight]) / 2, torch.cat([-bias, bias]) / 2
+        weight, bias, C = fit_linear_probe(features, labels, self.n_classes, self.fixed_C, self.max_iter,
+                                           val_features, val_labels)
         self.weight.copy_(weight)
         self.bias.copy_(bias)
         self.chosen_C.fill_(C)
@@ -251,3 +265,75 @@ class LinearProbe(ZeroShotCLIP):
     def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         with _fp32(image_features.device.type):
             return image_features.float() @ self.weight.t() + self.bias
+
+
+@register_method("contrastive-adapter")
+class ContrastiveAdapter(ZeroShotCLIP):
+    """Contrastive adapter (Zhang & Ré, "Contrastive Adapters for Foundation Model Group Robustness", NeurIPS 2022):
+    an MLP on the frozen image embeddings, trained with the `contrastive-adapter` objective so that embeddings of a
+    class that zero-shot CLIP separates (its groups) move together; logits = logit scale x normalised adapted
+    features @ class text features.
+
+    As the authors' code (network/adapter.py, the sample commands of its README): Linear(D, hidden) - BatchNorm1d
+    - ReLU - Linear(hidden, D), the first Linear without bias when batch-normalised, no residual connection by
+    default. Their classifier multiplies by 100 (OpenAI CLIP's logit scale); here the model's own scale. `fit`
+    (called by `PromptTrainer.fit` with the training set's features) keeps the features, labels and zero-shot
+    correctness the objective samples its anchors, positives and hard negatives from; the bank is not saved.
+
+    Args:
+        clip: the frozen model.
+        classnames: class names in label order.
+        hidden_dim: width of the MLP (the authors' 128).
+        batch_norm: BatchNorm1d after the first Linear (the authors' sample commands: on).
+        residual: add the input to the MLP's output (the authors' `--residual_connection`, off in their commands).
+        temperature, n_positives, n_negatives, n_neighbours, text: the loss (see
+            `promptkit.objectives.robust.ContrastiveAdapterLoss`).
+        templates: hand-crafted templates of the class text embeddings.
+        dataset: selects CoOp's per-dataset template.
+    """
+
+    def __init__(self, clip, classnames: Sequence[str], hidden_dim: int = 128, batch_norm: bool = True,
+                 residual: bool = False, temperature: float = 0.1, n_positives: int = 2048, n_negatives: int = 2048,
+                 n_neighbours: int = 4096, text: bool = True, templates: Sequence[str] | None = None,
+                 dataset: str | None = None):
+        super().__init__(clip, classnames, templates, dataset)
+        dim, device = clip.embed_dim, self._text_features.device
+        self.residual = residual
+        self.adapter = nn.Sequential(nn.Linear(dim, hidden_dim, bias=not batch_norm),
+                                     nn.BatchNorm1d(hidden_dim) if batch_norm else nn.Identity(), nn.ReLU(),
+                                     nn.Linear(hidden_dim, dim)).to(device)
+        self.set_objectives([("contrastive-adapter", dict(temperature=temperature, n_positives=n_positives,
+                                                          n_negatives=n_negatives, n_neighbours=n_neighbours, text=text))])
+        self.fit(torch.zeros(0, dim, device=device), torch.zeros(0, dtype=torch.long, device=device))
+
+    def embed(self, image_features: torch.Tensor, batch_statistics: bool = False) -> torch.Tensor:
+        """Adapted embeddings [B, D] (not normalised), in fp32. The batch norm normalises with the batch's statistics
+        (and updates its running ones) only for `batch_statistics=True` in training mode: the objective's pass.
+        Logits always use the running statistics, so a prediction never depends on the rest of its batch and
+        inference changes no buffer; the authors' classifier output is unused during contrastive epochs and
+        evaluated in eval mode."""
+        first, norm, _, last = self.adapter
+        with _fp32(image_features.device.type):
+            x = image_features.float()
+            hidden = first(x)
+            if isinstance(norm, nn.BatchNorm1d) and not (batch_statistics and self.training):
+                hidden = F.batch_norm(hidden, norm.running_mean, norm.running_var, norm.weight, norm.bias,
+                                      training=False, eps=norm.eps)
+            else:
+                hidden = norm(hidden)
+            out = last(F.relu(hidden))
+            return out + x if self.residual else out
+
+    def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        return super().logits(F.normalize(self.embed(image_features), dim=-1), text_features)
+
+    @torch.no_grad()
+    def fit(self, features: torch.Tensor, labels: torch.Tensor, val_features: torch.Tensor | None = None,
+            val_labels: torch.Tensor | None = None) -> None:
+        """Keeps the training set's frozen features [N, D] (normalised), labels [N] and whether zero-shot CLIP
+        classifies each correctly: the pool of the objective's positives and hard negatives."""
+        features = F.normalize(features.float(), dim=-1)
+        labels = labels.long().to(features.device)
+        correct = (features @ self._text_features.float().t()).argmax(-1).eq(labels)
+        for name, value in (("bank_features", features), ("bank_labels", labels), ("bank_correct", correct)):
+            self.register_buffer(name, value.to(self._text_features.device), persistent=False)

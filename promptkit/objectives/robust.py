@@ -65,3 +65,84 @@ class CARFT(Objective):
         zero_shot = (scale * out.frozen_image_features().float() @ self.contexts.float().t()).log_softmax(-1)
         prompted = (scale * out.image_features.float() @ self.contexts.float().t()).log_softmax(-1)
         return {"carft": self.weight * F.kl_div(prompted, zero_shot, reduction="batchmean", log_target=True)}
+
+
+@register_objective("contrastive-adapter")
+class ContrastiveAdapterLoss(Objective):
+    """The contrastive loss of contrastive adapters (Zhang & Ré, NeurIPS 2022), for the `contrastive-adapter`
+    learner, with the sampling of the authors' code (datasets/contrastive_embeddings.py, train/contrastive.py):
+
+    - anchors: the batch's samples that zero-shot CLIP misclassifies (the others add nothing);
+    - positives: up to `n_positives` training samples of the anchor's class that zero-shot CLIP classifies
+      correctly, drawn without replacement;
+    - hard negatives: `n_negatives` drawn without replacement from the anchor's `n_neighbours` nearest training
+      samples by cosine similarity of the *frozen* embeddings (the nearest one, the anchor itself, left out),
+      those of the anchor's class then masked out;
+    - with `text`, the class text embeddings too: the anchor's class a positive, the other classes negatives.
+      The paper brings sample embeddings "close to both their ground-truth class embeddings and same-class
+      sample embeddings" and reads cross-entropy as this InfoNCE over class embeddings; the authors' contrastive
+      batches hold samples only and their sample commands alternate contrastive epochs with cross-entropy epochs
+      (`--replicate 1/2`), which is what aligns the adapter with the class text. `text=False` gives their
+      sample-only loss (add `"ce"` to the objectives for a cross-entropy beside it).
+
+    Anchors and samples go through the adapter (text embeddings do not); with s the cosine similarity of adapted
+    embeddings over `temperature`, each positive p gives -log(exp s(a, p) / (exp s(a, p) + sum_n exp s(a, n))),
+    averaged over the anchor's positives; the anchors' losses are summed, as the authors accumulate one gradient
+    per anchor over a step (their optimizer steps every 128 anchors). The bank comes from the learner's `fit`.
+    """
+
+    def __init__(self, temperature: float = 0.1, n_positives: int = 2048, n_negatives: int = 2048,
+                 n_neighbours: int = 4096, text: bool = True):
+        super().__init__()
+        self.temperature, self.text = temperature, text
+        self.n_positives, self.n_negatives, self.n_neighbours = n_positives, n_negatives, n_neighbours
+
+    def attach(self, learner) -> None:
+        if not hasattr(learner, "embed") or not hasattr(learner, "fit"):
+            raise ValueError(f"the contrastive-adapter objective needs the contrastive-adapter learner (an adapter "
+                             f"and a bank of training features), not {learner.method or type(learner).__name__}")
+
+    def sample(self, anchors: torch.Tensor, labels: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor,
+               bank_correct: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Bank indices and validity masks of each anchor's positives [A, P] and hard negatives [A, K] (anchors:
+        normalised frozen features [A, D] with their labels [A])."""
+        n = len(bank)
+        near = (anchors.float() @ bank.float().t()).topk(min(self.n_neighbours + 1, n), dim=1).indices[:, 1:]
+        pick = torch.rand(near.shape, device=near.device).argsort(1)[:, :self.n_negatives]
+        negatives = near.gather(1, pick)
+        same_class = bank_labels[None] == labels[:, None]
+        pool = torch.rand(len(anchors), n, device=bank.device).masked_fill(~(same_class & bank_correct[None]), -1)
+        drawn = pool.topk(min(self.n_positives, n), dim=1)
+        # Valid draws come first (scores >= 0): columns no anchor fills are dropped, where the authors embed
+        # masked placeholders.
+        keep = max(int((drawn.values >= 0).sum(1).max()), 1)
+        return (drawn.indices[:, :keep], drawn.values[:, :keep] >= 0, negatives,
+                bank_labels[negatives] != labels[:, None])
+
+    def forward(self, out, labels):
+        learner = out.learner
+        frozen = out.frozen_image_features().float()
+        text = learner.text_features().float()
+        wrong = (frozen @ text.t()).argmax(-1).ne(labels)
+        if not wrong.any() or not len(learner.bank_features):
+            return {"contrastive": out.logits.sum() * 0}  # no anchor in this batch: a zero that keeps the graph
+        anchors, anchor_labels = frozen[wrong], labels[wrong]
+        positives, positive_valid, negatives, negative_valid = self.sample(
+            anchors, anchor_labels, learner.bank_features, learner.bank_labels, learner.bank_correct)
+        a, p, k = len(anchors), positives.shape[1], negatives.shape[1]
+        # One pass through the adapter (its batch norm sees anchors, positives and negatives together).
+        embedded = F.normalize(learner.embed(torch.cat([anchors, learner.bank_features[positives.flatten()],
+                                                        learner.bank_features[negatives.flatten()]]),
+                                             batch_statistics=True), dim=-1)
+        z, zp, zn = embedded[:a], embedded[a:a + a * p].view(a, p, -1), embedded[a + a * p:].view(a, k, -1)
+        s_pos = (z[:, None] * zp).sum(-1) / self.temperature
+        s_neg = ((z[:, None] * zn).sum(-1) / self.temperature).masked_fill(~negative_valid, float("-inf"))
+        if self.text:
+            s_text = z @ text.t() / self.temperature  # [A, C]
+            s_pos = torch.cat([s_text.gather(1, anchor_labels[:, None]), s_pos], 1)
+            positive_valid = torch.cat([positive_valid.new_ones(a, 1), positive_valid], 1)
+            s_neg = torch.cat([s_neg, s_text.scatter(1, anchor_labels[:, None], float("-inf"))], 1)
+        log_prob = s_pos - torch.logaddexp(s_pos, s_neg.logsumexp(1, keepdim=True))
+        counts = positive_valid.sum(1)
+        per_anchor = -(log_prob * positive_valid).sum(1) / counts.clamp(min=1)
+        return {"contrastive": per_anchor[counts > 0].sum()}

@@ -298,6 +298,7 @@ def _split_overrides(overrides: dict, method: str) -> tuple[dict, dict]:
     _load_builtin()
     hints, keywords = typing.get_type_hints(TrainConfig), keyword_types(METHODS.get(method))
     keywords["objectives"] = list  # every learner takes them, e.g. objectives='["ce", ["kgcoop", {"weight": 8}]]'
+    keywords["head"] = str  # and head=zeroshot | linear-probe (LP-FT)
     train, method_keys = {}, {}
     for key, value in overrides.items():
         if key in FLAG_FIELDS:
