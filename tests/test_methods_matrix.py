@@ -11,7 +11,8 @@ from conftest import assert_unchanged, snapshot
 
 SMALL = {"coop": dict(n_ctx=4), "prograd": dict(n_ctx=4), "vpt": dict(n_vision=4), "cavpt": dict(n_ctx=4, n_vision=2, class_aware_layers=2, top_k=3),
          "promptsrc": dict(templates=["a photo of a {}.", "itap of a {}."]),
-         "tip-adapter": dict(search_steps=(10, 4)), "tip-adapter-f": dict(search_steps=(10, 4)), "linear-probe": dict(C=1.0)}
+         "tip-adapter": dict(search_steps=(10, 4)), "tip-adapter-f": dict(search_steps=(10, 4)), "linear-probe": dict(C=1.0),
+         "bayesian": dict(n_samples=2), "dpl": dict(n_ctx=4, width=32, dropout=0.0)}
 
 
 def build(name, clip, classnames):
@@ -94,6 +95,9 @@ NON_DEFAULT = {
     "tip-adapter-f": dict(alpha=2.0, beta=3.0, search_scale=[5.0, 2.0], search_steps=[10, 4],
                           templates=["itap of a {}."], dataset="dtd"),
     "linear-probe": dict(C=0.5, max_iter=200, templates=["itap of a {}."], dataset="dtd"),
+    "cpl": dict(n_ctx=3, ctx_init=None, init_std=0.5, text_batch=2),
+    "bayesian": dict(n_ctx=3, ctx_init=None, init_std=0.5, text_batch=2, n_samples=3, mc_seed=5),
+    "dpl": dict(n_ctx=3, width=16, depth=4, dropout=0.0),
 }
 
 

@@ -99,4 +99,4 @@ class Objective(nn.Module):
         return f"{self.name}, {self.config}"
 
 
-from . import regularisers, robust  # noqa: E402,F401  (registers the built-in objectives)
+from . import counterfactual, regularisers, robust, variational  # noqa: E402,F401  (registers the built-in objectives)
