@@ -96,7 +96,8 @@ NON_DEFAULT = {
                           templates=["itap of a {}."], dataset="dtd"),
     "linear-probe": dict(C=0.5, max_iter=200, templates=["itap of a {}."], dataset="dtd"),
     "cpl": dict(n_ctx=3, ctx_init=None, init_std=0.5, text_batch=2),
-    "bayesian": dict(n_ctx=3, ctx_init=None, init_std=0.5, text_batch=2, n_samples=3, mc_seed=5),
+    "bayesian": dict(n_ctx=3, ctx_init=None, init_std=0.5, text_batch=2, n_samples=3, mc_seed=5,
+                     conditional=False),
     "dpl": dict(n_ctx=3, width=16, depth=4, dropout=0.0),
 }
 

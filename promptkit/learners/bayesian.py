@@ -33,6 +33,20 @@ class Posterior(nn.Module):
         return self.mean(features), self.log_variance(features)
 
 
+class GlobalPosterior(nn.Module):
+    """The authors' unconditional posterior (`coopvpt`): one learned mean (zeros) and log-variance (uniform in
+    [0, 1), the parameter their code names `std_posterior` and uses as a log-variance) for every image."""
+
+    def __init__(self, outputs: int):
+        super().__init__()
+        self.mean = nn.Parameter(torch.zeros(outputs))
+        self.log_variance = nn.Parameter(torch.rand(outputs))
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (len(features), len(self.mean))
+        return self.mean.expand(shape), self.log_variance.expand(shape)
+
+
 @register_method("bayesian")
 class BayesianPrompt(CoCoOp):
     """CoCoOp's context as a distribution: for image x the shift of every context token is
@@ -52,24 +66,29 @@ class BayesianPrompt(CoCoOp):
     batch 1), the shift here is per image, as its batch-1 runs compute it.
 
     Defaults are the paper's (`vit_b16_c4_ep10_batch1_ctxv1`): 4 context tokens from "a photo of a", L = 10
-    (the ImageNet and config default; the recipes set the per-dataset L of the authors' scripts).
+    (the ImageNet and config default; the recipes set the per-dataset L of the authors' scripts), and the
+    image-conditional posterior the paper describes. The config the authors ship runs the unconditional one
+    (`VPT_TYPE: coopvpt`, `conditional=False` here), so the recipes set that.
 
     Args:
         n_ctx, ctx_init, init_std: as CoOp.
         text_batch: images whose n_samples x C prompts are encoded together.
         n_samples: Monte Carlo samples L per image, at training and inference.
         mc_seed: seed of the noise table used for prediction.
+        conditional: mean and variance from the image feature (the paper); False: learned, the same for every
+            image (`GlobalPosterior`).
     """
 
     def __init__(self, clip, classnames: Sequence[str], n_ctx: int | None = None,
                  ctx_init: str | None = "a photo of a", init_std: float = 0.02, text_batch: int = 8,
-                 n_samples: int = 10, mc_seed: int = 0):
+                 n_samples: int = 10, mc_seed: int = 0, conditional: bool = True):
         if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
             raise ValueError(f"n_samples (Monte Carlo samples of the context) must be an integer >= 1, got "
                              f"{n_samples!r}; the authors use 5-40 (10 by default)")
         super().__init__(clip, classnames, n_ctx=n_ctx, ctx_init=ctx_init, init_std=init_std, text_batch=text_batch)
         # The posterior replaces CoCoOp's Meta-Net under the same name, as the authors' code names it.
-        self.meta_net = Posterior(clip.embed_dim, clip.embed_dim // 2, clip.text_width).to(self.ctx.device)
+        self.meta_net = (Posterior(clip.embed_dim, clip.embed_dim // 2, clip.text_width) if conditional
+                         else GlobalPosterior(clip.text_width)).to(self.ctx.device)
         self.n_samples, self.mc_seed = n_samples, mc_seed
         self.set_objectives(["ce", "bayesian-kl"])
 
