@@ -4,7 +4,8 @@ config files and scripts it comes from).
 A recipe is what one protocol of a paper trains with: optimizer, learning rate, batch, epochs (by shot count
 where the authors vary them), warm-up, schedule, precision, the training augmentation and the method keywords
 that differ from the learner's defaults. Protocols: "few-shot" (all classes, K shots), "base2novel" (train on
-the base half of the classes) and "cross-dataset" (train on ImageNet, test elsewhere). Not every paper
+the base half of the classes), "cross-dataset" (train on ImageNet, test elsewhere) and "domain-generalisation"
+(train on source domains, test on an unseen one; DPL). Not every paper
 publishes every protocol; asking for a missing one says which exist.
 
 One departure from the authors' runs: learners whose image path carries no prompt encode each training image
@@ -21,7 +22,7 @@ from importlib import resources
 from .templates import dataset_name
 from .training.config import TrainConfig
 
-PROTOCOLS = ("few-shot", "base2novel", "cross-dataset")
+PROTOCOLS = ("few-shot", "base2novel", "cross-dataset", "domain-generalisation")
 # Tip-Adapter's 10 "augment epochs": enough crops per image for a few-shot run, 10 encoder passes at the start.
 CACHE_PASSES = 10
 # The TrainConfig fields a recipe sets besides epochs and augmentation.
@@ -62,7 +63,7 @@ def get_recipe(method: str, protocol: str = "few-shot", shots: int | None = 16,
 
     Args:
         method: a registered method name, e.g. "maple".
-        protocol: "few-shot", "base2novel" or "cross-dataset".
+        protocol: "few-shot", "base2novel", "cross-dataset" or "domain-generalisation".
         shots: training images per class (None: all). Where the epochs depend on the shot count, a count the
             authors did not run takes the value of the nearest smaller one they did (the notes say so).
         dataset: the dataset in any usual spelling ("stanford_cars", "dtd", "imagenet"), for recipes whose
@@ -108,9 +109,9 @@ def get_recipe(method: str, protocol: str = "few-shot", shots: int | None = 16,
         if at != shots:
             notes.append(f"Epochs are published for {', '.join(map(str, published))} shots; {asked} take the "
                          f"{at}-shot value.")
-    elif shots not in entry["shots"]:
-        notes.append(f"The authors trained this with {', '.join(map(str, entry['shots']))} shots; {asked} use the "
-                     f"same values.")
+    elif shots not in entry["shots"] and (shots is not None or entry["shots"]):
+        published = f"{', '.join(map(str, entry['shots']))} shots" if entry["shots"] else "all images"
+        notes.append(f"The authors trained this with {published}; {asked} use the same values.")
     augment = entry["augment"]
     config = TrainConfig(**{k: entry[k] for k in _FIELDS}, epochs=epochs, augment=augment, recipe=name,
                          cache_passes=CACHE_PASSES if augment else TrainConfig.cache_passes,

@@ -220,3 +220,19 @@ def test_dpl_prompt_depends_on_the_batch(vit_clip, classnames):
         other = learner(image_features=torch.cat([batch[:1], unit(5, vit_clip.embed_dim, seed=7)]))
         assert not torch.allclose(other[0], logits[0], atol=1e-4)
         torch.testing.assert_close(learner(image_features=batch.flip(0)).flip(0), logits, atol=1e-5, rtol=1e-5)
+
+
+def test_recipes_of_the_authors_scripts():
+    from promptkit.recipes import get_recipe
+
+    dtd = get_recipe("bayesian", "base2novel", 16, "dtd")
+    assert (dtd.config.epochs, dtd.method_kwargs) == (10, {"conditional": False, "n_samples": 40})
+    eurosat = get_recipe("bayesian", "base2novel", 16, "eurosat")
+    assert (eurosat.config.epochs, eurosat.method_kwargs["n_samples"]) == (60, 20)
+    assert get_recipe("cpl", "base2novel").config.batch_size == 1
+    dpl = get_recipe("dpl", "domain-generalisation", None)
+    assert (dpl.config.lr, dpl.config.momentum, dpl.config.scheduler, dpl.config.augment) == (0.001, 0.1, "constant",
+                                                                                              None)
+    assert "all images" in get_recipe("dpl", "domain-generalisation", 16).notes
+    with pytest.raises(ValueError, match="dpl has no few-shot recipe .*its recipes: domain-generalisation"):
+        get_recipe("dpl")
