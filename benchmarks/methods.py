@@ -30,9 +30,14 @@ def worker(cfg: dict) -> dict:
     start = time.perf_counter()
     learner = promptkit.create_learner(cfg["method"], clip, names, **SETUP.get(cfg["method"], {})).to(device)
     setup = time.perf_counter() - start
-    cached, params = not learner.image_prompted, learner.prompt_parameters()
+    cached = not learner.image_prompted
     with torch.no_grad():
         features = learner.encode_image(images) if cached else None
+        # A learner built from data and then trained (CPL's class images) gets its data first, as in the trainer;
+        # the feature-level heads are measured before `fit` (see the README).
+        if hasattr(learner, "fit") and learner.prompt_parameters():
+            learner.fit(features if cached else learner.encode_image(images), labels)
+    params = learner.prompt_parameters()
 
     def step():
         if cached:

@@ -179,10 +179,19 @@ def test_bayesian_sample_count_below_one_is_refused(vit_clip, classnames, bad):
 
 
 def test_bayesian_unconditional_posterior_is_shared(vit_clip, classnames):
-    learner = promptkit.create_learner("bayesian", vit_clip, classnames, seed=0, conditional=False)
-    mean, log_var = learner.meta_net(unit(3, vit_clip.embed_dim))
+    learner = promptkit.create_learner("bayesian", vit_clip, classnames, seed=0, conditional=False, n_samples=2)
+    feats = unit(3, vit_clip.embed_dim)
+    mean, log_var = learner.meta_net(feats)
     assert torch.equal(mean, torch.zeros(3, vit_clip.text_width)) and (log_var == log_var[0]).all()
     assert ((0 <= log_var) & (log_var < 1)).all()
+    torch.manual_seed(0)
+    eps = torch.randn(2, 1, vit_clip.text_width)  # one shift per sample for the batch, as the authors' coopvpt
+    with torch.no_grad():
+        text = learner.context_text_features(learner.ctx + (eps * torch.exp(0.5 * log_var[:1])).unsqueeze(2)[:, 0])
+        hand = (vit_clip.logit_scale * torch.einsum("bd,lcd->lbc", feats, text)).log_softmax(-1)
+        torch.manual_seed(0)
+        torch.testing.assert_close(learner.training_outputs(image_features=feats).logits,
+                                   hand.logsumexp(0) - math.log(2), atol=1e-5, rtol=1e-5)
 
 
 # -- DPL ---------------------------------------------------------------------------------------------------------

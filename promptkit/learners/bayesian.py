@@ -61,8 +61,8 @@ class BayesianPrompt(CoCoOp):
 
     Reproducibility: prediction (`forward`) draws its noise table eps [n_samples, W] from `mc_seed` on every
     call, shared by all images, so the same model gives the same predictions whatever the batching and the
-    global random state; training (`training_outputs`) draws fresh noise per image from the global generator
-    (the trainer seeds it per epoch). Where the authors' code breaks the batch dimension (it only runs with
+    global random state; training (`training_outputs`) draws fresh noise per image (per batch for the
+    unconditional posterior) from the global generator (the trainer seeds it per epoch). Where the authors' code breaks the batch dimension (it only runs with
     batch 1), the shift here is per image, as its batch-1 runs compute it.
 
     Defaults are the paper's (`vit_b16_c4_ep10_batch1_ctxv1`): 4 context tokens from "a photo of a", L = 10
@@ -105,20 +105,27 @@ class BayesianPrompt(CoCoOp):
         return torch.randn(self.n_samples, self.clip.text_width, generator=generator).to(self.ctx.device)
 
     def sampled_logits(self, image_features: torch.Tensor, noise: torch.Tensor | None = None):
-        """Log of the averaged class probabilities [B, C], and the posterior (mean, log-variance) [B, W].
+        """Log of the averaged class probabilities [B, C], and the posterior (mean, log-variance) [B, W] ([1, W]
+        for the unconditional posterior).
+
+        The conditional posterior runs n_samples x C prompts per image. The unconditional one draws one shift
+        per sample for the whole batch (the authors' `coopvpt` samples [L, 1, W]), so its n_samples x C prompts
+        are encoded once per batch.
 
         Args:
             image_features: normalised [B, D].
-            noise: eps [n_samples, W] shared by the images, or None for fresh eps [n_samples, B, W].
+            noise: eps [n_samples, W] shared by the images, or None for fresh eps.
         """
+        shared = isinstance(self.meta_net, GlobalPosterior)
         logits, means, log_vars = [], [], []
-        for chunk in image_features.split(self.text_batch):
-            mean, log_var = self.meta_net(chunk.to(self.ctx.dtype))
+        for chunk in [image_features] if shared else image_features.split(self.text_batch):
+            mean, log_var = self.meta_net(chunk[:1] if shared else chunk.to(self.ctx.dtype))
             eps = torch.randn(self.n_samples, *mean.shape, device=mean.device, dtype=mean.dtype) if noise is None \
                 else noise[:, None].to(mean.dtype)
-            shift = mean + eps * torch.exp(0.5 * log_var)  # [L, b, W]
+            shift = mean + eps * torch.exp(0.5 * log_var)  # [L, b, W] (b = 1 when shared)
             contexts = self.ctx + shift.unsqueeze(2)  # [L, b, n_ctx, W]
             text = self.context_text_features(contexts.flatten(0, 1)).unflatten(0, contexts.shape[:2])
+            text = text.expand(-1, len(chunk), -1, -1)
             with torch.autocast(chunk.device.type, enabled=False):  # fp32 logits, as `PromptLearner.logits`
                 per_sample = self.clip.logit_scale.float() * torch.einsum("bd,lbcd->lbc", chunk.float(), text.float())
                 logits.append(per_sample.log_softmax(-1).logsumexp(0) - math.log(self.n_samples))
