@@ -43,7 +43,8 @@ class DPL(PromptLearner):
     with one domain per batch). Only the generator learns; there is no static context (the authors' code).
 
     `text_features()` is the prompt generated from a zero feature (the generator's biases): a batch-free
-    summary; predictions always use the batch's own prompt, so they depend on the other images of the batch.
+    summary; predictions always use the batch's own prompt, so they depend on the other images of the batch
+    (`batch_dependent`: test-time adapters, which answer image by image, refuse it).
 
     Defaults are the authors' (shogi880/DPLCLIP `hparams_registry.py`): 16 domain tokens, MLP width 512,
     depth 3, dropout 0.1; SGD lr 1e-3, momentum 0.1, batch 32 per source domain, 5001 steps.
@@ -58,6 +59,8 @@ class DPL(PromptLearner):
         n_ctx: number of generated context (domain) tokens.
         width, depth, dropout: the generator MLP's.
     """
+
+    batch_dependent = True
 
     def __init__(self, clip, classnames: Sequence[str], n_ctx: int = 16, width: int = 512, depth: int = 3,
                  dropout: float = 0.1):
