@@ -43,6 +43,10 @@ def worker(cfg: dict) -> dict:
     cached = not learner.image_prompted
     with torch.no_grad():
         features = learner.encode_image(images) if cached else None
+        # A learner built from data and then trained (CPL's class images) gets its data first, as in the trainer;
+        # the feature-level heads are measured before `fit` (see the README).
+        if hasattr(learner, "fit") and learner.prompt_parameters() and not cfg.get("bank"):
+            learner.fit(features if cached else learner.encode_image(images), labels)
     if cfg.get("bank") and hasattr(learner, "fit"):
         bank = torch.nn.functional.normalize(torch.randn(cfg["bank"], clip.embed_dim, device=device), dim=-1)
         learner.fit(bank, torch.arange(cfg["bank"], device=device) % cfg["classes"])

@@ -13,7 +13,8 @@ SMALL = {"coop": dict(n_ctx=4), "prograd": dict(n_ctx=4), "vpt": dict(n_vision=4
          "promptsrc": dict(templates=["a photo of a {}.", "itap of a {}."]),
          "tip-adapter": dict(search_steps=(10, 4)), "tip-adapter-f": dict(search_steps=(10, 4)), "linear-probe": dict(C=1.0),
          "tecoa": dict(n_tokens=4, init_std=0.02),
-         "contrastive-adapter": dict(hidden_dim=16, n_positives=8, n_negatives=8, n_neighbours=16)}
+         "contrastive-adapter": dict(hidden_dim=16, n_positives=8, n_negatives=8, n_neighbours=16),
+         "bayesian": dict(n_samples=2), "dpl": dict(n_ctx=4, width=32, dropout=0.0)}
 
 
 def build(name, clip, classnames):
@@ -105,6 +106,10 @@ NON_DEFAULT = {
                           loss="soft", q=0.5, teacher="zero-shot", top_k=2, templates=["itap of a {}."]),
     "contrastive-adapter": dict(hidden_dim=16, batch_norm=False, residual=True, temperature=0.5, n_positives=4,
                                 n_negatives=4, n_neighbours=8, text=False, templates=["itap of a {}."], dataset="dtd"),
+    "cpl": dict(n_ctx=3, ctx_init=None, init_std=0.5, text_batch=2),
+    "bayesian": dict(n_ctx=3, ctx_init=None, init_std=0.5, text_batch=2, n_samples=3, mc_seed=5,
+                     conditional=False),
+    "dpl": dict(n_ctx=3, width=16, depth=4, dropout=0.0),
 }
 
 

@@ -39,6 +39,9 @@ KEYWORDS = {
                       "teacher", "top_k", "templates"},
     "contrastive-adapter": {"hidden_dim", "batch_norm", "residual", "temperature", "n_positives", "n_negatives",
                             "n_neighbours", "text", "templates", "dataset"},
+    "cpl": {"n_ctx", "ctx_init", "init_std", "text_batch"},
+    "bayesian": {"n_ctx", "ctx_init", "init_std", "text_batch", "n_samples", "mc_seed", "conditional"},
+    "dpl": {"n_ctx", "width", "depth", "dropout"},
 }
 ENTRY_KEYS = {"optimizer", "lr", "momentum", "weight_decay", "batch_size", "shots", "epochs", "warmup_epochs",
               "warmup_lr", "scheduler", "precision", "augment", "method_kwargs", "datasets", "notes", "param_groups",
@@ -135,8 +138,11 @@ def test_every_recipe_builds_with_keywords_the_learner_takes(method, protocol, s
     assert isinstance(entry["epochs"], int) or set(entry["epochs"]) == set(map(str, entry["shots"]))
     recipe = get_recipe(method, protocol, shots, dataset)
     assert recipe.source == entry["_source"] and recipe.config.recipe.startswith(f"{method}/{protocol}/")
-    assert recipe.transform == (recipe.config.augment or {})  # TeCoA's images are not augmented
-    assert recipe.config.cache_passes == (10 if recipe.config.augment else promptkit.TrainConfig.cache_passes)
+    if entry["augment"]:
+        assert recipe.transform == recipe.config.augment and recipe.config.cache_passes == 10
+    else:  # no augmentation (DPL): nothing to cache more than once
+        assert recipe.transform == {} and recipe.config.augment is None
+        assert recipe.config.cache_passes == promptkit.TrainConfig.cache_passes
     assert set(recipe.method_kwargs) <= KEYWORDS[method]
     learner_keywords = set(inspect.signature(promptkit.registry.METHODS.get(method).__init__).parameters)
     if KEYWORDS[method] <= learner_keywords:  # the learner carries the new names: check against it

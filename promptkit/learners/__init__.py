@@ -1,8 +1,11 @@
 """Built-in methods; importing this package registers them."""
 from .base import LossOutput, PromptLearner
+from .bayesian import BayesianPrompt
 from .cavpt import CAVPT
 from .cocoop import CoCoOp
 from .coop import CoOp
+from .cpl import CPL
+from .dpl import DPL
 from .heads import CLIPAdapter, LinearProbe, TipAdapter, TipAdapterF
 from .ivlp import IVLP, MaPLe
 from .kgcoop import KgCoOp
@@ -17,4 +20,4 @@ from .zeroshot import ZeroShotCLIP
 
 __all__ = ["LossOutput", "PromptLearner", "PromptTuning", "ZeroShotCLIP", "CoOp", "CoCoOp", "KgCoOp", "ProGrad", "MVLPT",
            "VPT", "IVLP", "MaPLe", "PromptSRC", "CAVPT", "CLIPAdapter", "TipAdapter", "TipAdapterF", "LinearProbe",
-           "TeCoA", "POUF", "SelfLearning"]
+           "TeCoA", "POUF", "SelfLearning", "CPL", "BayesianPrompt", "DPL"]

@@ -38,7 +38,9 @@ class PromptLearner(nn.Module):
     Subclasses override `text_features` (text side) and/or `encode_image` (image side); losses are
     objectives (`promptkit.objectives`) that read the learner's `training_outputs`. Set
     `image_prompted = True` when the image path carries prompts: the trainer then never caches image
-    features for it.
+    features for it. Set `batch_dependent = True` when an image's prediction depends on the other images of its
+    batch (DPL's prompt is generated from the whole batch): test-time adapters, which answer image by image,
+    then refuse the learner.
 
     Every constructor keyword is recorded in `hparams` (a subclass must spell its keywords out: no
     `**kwargs`), so `save_pretrained` / `load_pretrained` rebuild the method without further code.
@@ -64,6 +66,7 @@ class PromptLearner(nn.Module):
 
     method: str = ""
     image_prompted: bool = False
+    batch_dependent: bool = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -108,4 +108,5 @@ class Objective(nn.Module):
         return f"{self.name}, {self.config}"
 
 
-from . import adversarial, regularisers, robust, unsupervised  # noqa: E402,F401  (registers the built-in objectives)
+from . import (adversarial, counterfactual, regularisers, robust, unsupervised,  # noqa: E402,F401
+               variational)  # (registers the built-in objectives)

@@ -61,6 +61,10 @@ class ViewAdapter(nn.Module):
 
     def __init__(self, learner, n_views: int = 64, augment: str = "auto", seed: int = 0, autocast: bool = True):
         super().__init__()
+        if getattr(learner, "batch_dependent", False):
+            raise ValueError(f"{type(learner).__name__} generates its prompt from the whole test batch (the batch is "
+                             f"its domain), so it has no image-by-image prediction for a test-time adapter; evaluate "
+                             f"it on batches of one domain (PromptTrainer.evaluate, eval_batch_size)")
         if n_views < 1:
             raise ValueError(f"n_views must be >= 1, got {n_views}")
         if augment not in MODES:
