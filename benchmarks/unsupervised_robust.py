@@ -42,6 +42,8 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=16, help="training images per class of CoOp and TeCoA")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--only", choices=["unsupervised", "robust"], default=None, help="run one of the two tables")
+    parser.add_argument("--rows", type=int, nargs="*", default=None,
+                        help="which unsupervised rows to train (0-based, in the order of UNSUPERVISED; default all)")
     args = parser.parse_args()
     start = time.time()
     torch.manual_seed(args.seed)
@@ -84,7 +86,9 @@ def run_unsupervised(args, clip, bench, shifted, train, evaluate) -> str:
     rows = [{"method": "zero-shot", "shifted top-1": evaluate(promptkit.ZeroShotCLIP(clip, bench.classnames),
                                                               shifted)["top1"], "s": 0.0}]
     print(rows[-1], flush=True)
-    for name, method, kwargs in UNSUPERVISED:
+    for i, (name, method, kwargs) in enumerate(UNSUPERVISED):
+        if args.rows is not None and i not in args.rows:
+            continue
         tic = time.time()
         learner = train(method, Unlabeled(shifted), protocol="unsupervised", **kwargs)
         rows.append({"method": name, "shifted top-1": evaluate(learner, shifted)["top1"], "s": time.time() - tic})
