@@ -208,8 +208,9 @@ class PromptLearner(nn.Module):
         """Scaled cosine logits [B, C] (or the linear `head`'s, see `head=`), in fp32 even under autocast: at
         |logit| ~ 30, bf16's spacing of 0.125 flips near-tied predictions, pseudo-labels and votes."""
         with torch.autocast(image_features.device.type, enabled=False):
-            if self.head is not None:
-                return self.head(image_features)
+            head = getattr(self, "head", None)  # wrappers built without PromptLearner.__init__ have none
+            if head is not None:
+                return head(image_features)
             return self.clip.logit_scale.float() * image_features.float() @ text_features.float().t()
 
     def forward(self, images: torch.Tensor | None = None, *, image_features: torch.Tensor | None = None,
@@ -301,7 +302,7 @@ class PromptLearner(nn.Module):
                                       for name in ("encode_image", "logits", "forward")):
             raise ValueError(f"{self.method or own.__name__}'s classifier depends on the image, so it is not a "
                              f"fixed linear head on CLIP's image features")
-        if self.head is not None:
+        if getattr(self, "head", None) is not None:
             return self.head.weight.detach(), self.head.bias.detach()
         with torch.no_grad():
             weight = self.clip.logit_scale.detach().float() * self.text_features().float()
