@@ -1,10 +1,14 @@
 """Every registered method: time per training iteration (training_loss forward + backward) and peak memory.
 
-    python benchmarks/methods.py [--arch ViT-B-32] [--classes 100] [--batch 8] [--iters 2]
+    python benchmarks/methods.py [--arch ViT-B-32] [--classes 100] [--batch 8] [--iters 2] [--device cuda --amp bf16]
 
-Random weights (no download), same images for all; each method runs in its own process. Methods
-whose image path carries no prompt can use the trainer's image-feature cache: their time is given
-with cached features (what PromptTrainer does), the others encode the batch every step.
+Random weights (no download), same images for all; each method runs in its own process, once with each
+text path: every prompt over all its positions ("full rows", `FrozenCLIP.shared_prefix=False`) and a
+prefix common to the prompts encoded once ("shared prefix", the default; methods it does not apply to
+run the full rows either way). Methods whose image path carries no prompt can use the trainer's
+image-feature cache: their time is given with cached features (what PromptTrainer does), the others encode
+the batch every step. `--amp bf16`: the steps under torch.autocast(device, bf16). Peak memory: the
+process's peak resident set on CPU, torch.cuda.max_memory_allocated on CUDA.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ SETUP = {"promptsrc": {"templates": ["itap of a {}.", "a bad photo of the {}.", 
 
 def worker(cfg: dict) -> dict:
     import promptkit
-    from common import peak_memory_mb, setup_worker
+    from common import autocast, peak_memory_mb, setup_worker
 
     device, clip, names, size = setup_worker(cfg)
     images = torch.randn(cfg["batch"], 3, size, size, device=device)
@@ -35,10 +39,11 @@ def worker(cfg: dict) -> dict:
         features = learner.encode_image(images) if cached else None
 
     def step():
-        if cached:
-            out = learner.training_loss(labels, image_features=features)
-        else:
-            out = learner.training_loss(labels, images)
+        with autocast(cfg):
+            if cached:
+                out = learner.training_loss(labels, image_features=features)
+            else:
+                out = learner.training_loss(labels, images)
         # As the trainer: a gradient rule (ProGrad) takes one backward per term it combines.
         terms = out.gradient_terms or ({"loss": out.loss} if out.loss.requires_grad else {})
         for term in terms.values():
@@ -46,7 +51,7 @@ def worker(cfg: dict) -> dict:
 
     if cfg["method"] == "zeroshot":
         def step():  # nothing to train: one evaluation forward
-            with torch.no_grad():
+            with torch.no_grad(), autocast(cfg):
                 learner(image_features=features)
     step()  # warm-up
     if device.type == "cuda":
@@ -76,18 +81,23 @@ def main():
         print(json.dumps(worker(json.loads(args.worker))))
         return
     import promptkit
-    from common import machine, run_isolated, table
+    from common import PATHS, machine, run_isolated, table
 
     rows = []
     for method in args.methods or promptkit.list_methods():
-        r = run_isolated(__file__, dict(method=method, arch=args.arch, classes=args.classes, batch=args.batch,
-                                        iters=args.iters, device=args.device, threads=args.threads))
-        rows.append({"method": method, "s/iter": r["s_per_iter"], "peak MB": r["peak_mb"],
-                     "prompt params": r["params"], "image-feature cache": "yes" if r["cache"] else "no",
-                     "set-up s (once)": r["setup_s"]})
+        cfg = dict(method=method, arch=args.arch, classes=args.classes, batch=args.batch, iters=args.iters,
+                   device=args.device, threads=args.threads, amp=args.amp)
+        paths = {name: run_isolated(__file__, {**cfg, "shared_prefix": shared}) for name, shared in PATHS.items()}
+        full, shared = paths["full rows"], paths["shared prefix"]
+        rows.append({"method": method, "full rows s/iter": full["s_per_iter"],
+                     "shared prefix s/iter": shared["s_per_iter"],
+                     "speed-up": full["s_per_iter"] / shared["s_per_iter"],
+                     "full rows peak MB": full["peak_mb"], "shared prefix peak MB": shared["peak_mb"],
+                     "prompt params": shared["params"], "image-feature cache": "yes" if shared["cache"] else "no",
+                     "set-up s (once)": shared["setup_s"]})
         print(json.dumps(rows[-1]), flush=True)
-    print(f"\n{args.arch}, C={args.classes}, batch {args.batch}, {args.device}; promptsrc with the 7-template "
-          f"ensemble. Machine: {machine()}\n")
+    print(f"\n{args.arch}, C={args.classes}, batch {args.batch}, {args.device}, amp {args.amp}; promptsrc with the "
+          f"7-template ensemble. Machine: {machine()}\n")
     print(table(rows, list(rows[0])))
 
 
