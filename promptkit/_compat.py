@@ -186,16 +186,21 @@ def prefix_keys_values(block: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def block_after_prefix(block: nn.Module, x: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
-                       attn_mask: torch.Tensor) -> torch.Tensor:
+                       attn_mask: torch.Tensor, only: torch.Tensor | None = None) -> torch.Tensor:
     """`block` over the positions P .. P+S-1 of each row, `x` [N, S, D] (batch-first), whose attention also
     sees the positions 0 .. P-1 through their keys and values `past_k`, `past_v` [N, H, P, D/H];
     `attn_mask` [S, P+S] is the model's causal mask for those rows. The same computation as the block's
-    own forward over all P+S positions, restricted to the last S outputs."""
-    attn = block.attn
+    own forward over all P+S positions, restricted to the last S outputs [N, S, D], or with `only` [N]
+    (suffix index per row) to one output per row [N, 1, D] (the last block: only the pooled one is read)."""
+    attn, heads = block.attn, block.attn.num_heads
     q, k, v = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-    k = torch.cat([past_k, _heads(k, attn.num_heads)], dim=2)
-    v = torch.cat([past_v, _heads(v, attn.num_heads)], dim=2)
-    out = F.scaled_dot_product_attention(_heads(q, attn.num_heads), k, v, attn_mask=attn_mask.to(q.dtype))
+    if only is not None:
+        rows = torch.arange(len(x), device=x.device)
+        x, q = x[rows, only].unsqueeze(1), q[rows, only].unsqueeze(1)
+        attn_mask = attn_mask[only].view(len(x), 1, 1, -1)  # each row's query position over all keys
+    k = torch.cat([past_k, _heads(k, heads)], dim=2)
+    v = torch.cat([past_v, _heads(v, heads)], dim=2)
+    out = F.scaled_dot_product_attention(_heads(q, heads), k, v, attn_mask=attn_mask.to(q.dtype))
     out = F.linear(out.transpose(1, 2).flatten(2), attn.out_proj.weight, attn.out_proj.bias)
     x = x + block.ls_1(out)
     return x + block.ls_2(block.mlp(block.ln_2(x)))

@@ -277,15 +277,15 @@ class FrozenCLIP(nn.Module):
         x = model.token_embedding.forward(tokens[rows, prefix:end]).to(self.dtype)
         x = x + model.positional_embedding[prefix:end].to(x.dtype)
         mask = _compat.causal_mask(model, end, start=prefix)
-        owner = groups[rows]
-        for block, (k, v) in zip(self.text_blocks, past):
+        owner, last = groups[rows], len(past) - 1
+        for i, (block, (k, v)) in enumerate(zip(self.text_blocks, past)):
             if len(first) == 1:
                 k, v = k.expand(len(rows), -1, -1, -1), v.expand(len(rows), -1, -1, -1)
             else:
                 k, v = k[owner], v[owner]
-            x = _compat.block_after_prefix(block, x, k, v, mask)
-        pooled = model.ln_final(x[torch.arange(len(rows), device=x.device), eot - prefix])
-        return _compat.project_text(model, pooled)
+            # Only the pooled (EOT) position of the last block's output is read: compute that one alone.
+            x = _compat.block_after_prefix(block, x, k, v, mask, only=eot - prefix if i == last else None)
+        return _compat.project_text(model, model.ln_final(x[:, 0]))
 
     @torch.no_grad()
     def zero_shot_text_features(self, classnames: Sequence[str], templates: Sequence[str],
