@@ -2,6 +2,7 @@
 describe the machine, print a markdown table."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -52,17 +53,31 @@ def table(rows: list[dict], columns: list[str]) -> str:
 def add_common_args(parser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--amp", choices=["none", "bf16"], default="none",
+                        help="run every variant under torch.autocast(device, bfloat16)")
     parser.add_argument("--worker", help="internal: run one measurement")
 
 
+def autocast(cfg: dict):
+    """The variants' autocast context: bf16 on the measured device with `--amp bf16`, else none."""
+    if cfg.get("amp", "none") == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(cfg["device"]).type, dtype=torch.bfloat16)
+
+
+PATHS = {"full rows": False, "shared prefix": True}  # FrozenCLIP.shared_prefix of promptkit's two text paths
+
+
 def setup_worker(cfg: dict):
-    """Seeds, threads, device, the random-weight model, C class names, image size."""
+    """Seeds, threads, device, the random-weight model (text path: `cfg["shared_prefix"]`, default on), C class
+    names, image size."""
     import promptkit
 
     torch.manual_seed(0)
     torch.set_num_threads(cfg["threads"])
     device = torch.device(cfg["device"])
     clip = promptkit.load_clip(cfg["arch"], device=device)
+    clip.shared_prefix = cfg.get("shared_prefix", True)
     size = clip.model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
     return device, clip, [f"class number {i}" for i in range(cfg["classes"])], size

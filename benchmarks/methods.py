@@ -1,16 +1,20 @@
 """Every registered method: time per training iteration (training_loss forward + backward) and peak memory.
 
     python benchmarks/methods.py [--arch ViT-B-32] [--classes 100] [--batch 8] [--iters 2] [--head linear-probe]
-                                 [--bank 1600]
+                                 [--bank 1600] [--device cuda --amp bf16]
 
-Random weights (no download), same images for all; each method runs in its own process. Methods
-whose image path carries no prompt can use the trainer's image-feature cache: their time is given
-with cached features (what PromptTrainer does), the others encode the batch every step. TeCoA's step includes
-its 2-step PGD attack on the batch (3 extra image passes, 2 of them with a backward to the pixels); POUF's and
-self-learning's read no label (they are timed on the same batch). `--head` gives every
-learner that LP-FT head (stage 2's step; stage 1 is the linear probe's one-off fit); `--bank N` first calls the
-`fit` of learners built from data with N random image features (the contrastive adapter's pool of positives and
-hard negatives, Tip-Adapter's cache), as the trainer does with the training set's.
+Random weights (no download), same images for all; each method runs in its own process, once with each
+text path: every prompt over all its positions ("full rows", `FrozenCLIP.shared_prefix=False`) and a
+prefix common to the prompts encoded once ("shared prefix", the default; methods it does not apply to
+run the full rows either way). Methods whose image path carries no prompt can use the trainer's
+image-feature cache: their time is given with cached features (what PromptTrainer does), the others encode
+the batch every step. TeCoA's step includes its 2-step PGD attack on the batch (3 extra image passes, 2 of them
+with a backward to the pixels); POUF's and self-learning's read no label (they are timed on the same batch).
+`--head` gives every learner that LP-FT head (stage 2's step; stage 1 is the linear probe's one-off fit);
+`--bank N` first calls the `fit` of learners built from data with N random image features (the contrastive
+adapter's pool of positives and hard negatives, Tip-Adapter's cache), as the trainer does with the training
+set's. `--amp bf16`: the steps under torch.autocast(device, bf16). Peak memory: the process's peak resident set
+on CPU, torch.cuda.max_memory_allocated on CUDA.
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ VARIANTS = {"mvlpt": [{"prompt": "text"}, {"prompt": "visual"}, {"prompt": "unif
 
 def worker(cfg: dict) -> dict:
     import promptkit
-    from common import peak_memory_mb, setup_worker
+    from common import autocast, peak_memory_mb, setup_worker
 
     device, clip, names, size = setup_worker(cfg)
     images = torch.randn(cfg["batch"], 3, size, size, device=device)
@@ -53,10 +57,11 @@ def worker(cfg: dict) -> dict:
     params = learner.prompt_parameters()
 
     def step():
-        if cached:
-            out = learner.training_loss(labels, image_features=features)
-        else:
-            out = learner.training_loss(labels, images)
+        with autocast(cfg):
+            if cached:
+                out = learner.training_loss(labels, image_features=features)
+            else:
+                out = learner.training_loss(labels, images)
         # As the trainer: a gradient rule (ProGrad) takes one backward per term it combines.
         terms = out.gradient_terms or ({"loss": out.loss} if out.loss.requires_grad else {})
         for term in terms.values():
@@ -64,7 +69,7 @@ def worker(cfg: dict) -> dict:
 
     if cfg["method"] == "zeroshot":
         def step():  # nothing to train: one evaluation forward
-            with torch.no_grad():
+            with torch.no_grad(), autocast(cfg):
                 learner(image_features=features)
     step()  # warm-up
     if device.type == "cuda":
@@ -96,21 +101,26 @@ def main():
         print(json.dumps(worker(json.loads(args.worker))))
         return
     import promptkit
-    from common import machine, run_isolated, table
+    from common import PATHS, machine, run_isolated, table
 
     rows = []
     for method in args.methods or promptkit.list_methods():
         for kwargs in VARIANTS.get(method, [{}]):
-            r = run_isolated(__file__, dict(method=method, kwargs=kwargs, arch=args.arch, classes=args.classes,
-                                            batch=args.batch, iters=args.iters, device=args.device,
-                                            threads=args.threads, head=args.head, bank=args.bank))
+            cfg = dict(method=method, kwargs=kwargs, arch=args.arch, classes=args.classes, batch=args.batch,
+                       iters=args.iters, device=args.device, threads=args.threads, head=args.head, bank=args.bank,
+                       amp=args.amp)
+            paths = {name: run_isolated(__file__, {**cfg, "shared_prefix": shared}) for name, shared in PATHS.items()}
+            full, shared = paths["full rows"], paths["shared prefix"]
             label = " ".join([method, *(f"{k}={v}" for k, v in kwargs.items())])
-            rows.append({"method": label, "s/iter": r["s_per_iter"], "peak MB": r["peak_mb"],
-                         "prompt params": r["params"], "image-feature cache": "yes" if r["cache"] else "no",
-                         "set-up s (once)": r["setup_s"]})
+            rows.append({"method": label, "full rows s/iter": full["s_per_iter"],
+                         "shared prefix s/iter": shared["s_per_iter"],
+                         "speed-up": full["s_per_iter"] / shared["s_per_iter"],
+                         "full rows peak MB": full["peak_mb"], "shared prefix peak MB": shared["peak_mb"],
+                         "prompt params": shared["params"], "image-feature cache": "yes" if shared["cache"] else "no",
+                         "set-up s (once)": shared["setup_s"]})
             print(json.dumps(rows[-1]), flush=True)
-    print(f"\n{args.arch}, C={args.classes}, batch {args.batch}, {args.device}; promptsrc with the 7-template "
-          f"ensemble{'; head=' + args.head if args.head else ''}{'; bank %d' % args.bank if args.bank else ''}. "
+    print(f"\n{args.arch}, C={args.classes}, batch {args.batch}, {args.device}, amp {args.amp}; promptsrc with the "
+          f"7-template ensemble{'; head=' + args.head if args.head else ''}{'; bank %d' % args.bank if args.bank else ''}. "
           f"Machine: {machine()}\n")
     print(table(rows, list(rows[0])))
 

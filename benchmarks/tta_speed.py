@@ -1,6 +1,7 @@
 """promptkit TPT vs a faithful naive TPT loop: seconds per test image, peak memory, and agreement.
 
     python benchmarks/tta_speed.py [--archs ViT-B-32 ViT-B-16] [--classes 200 1000] [--images 4] [--views 64]
+                                   [--device cuda --amp bf16]
 
 (default classes: 200 and 1000 on a GPU, 200 on CPU, where the naive loop at C=1000 takes minutes per image)
 
@@ -9,16 +10,18 @@ Both adapt CoOp's context (initialised from "a photo of a", as TPT on CLIP) with
 download). The naive loop is the research code's: one image at a time, the views re-encoded at every
 step, the full 77-token text encoder over all classes, a final re-encode for the prediction.
 Agreement: the largest |logit difference| between the two, relative to the adaptation's own effect
-(largest |adapted - unadapted| of the naive loop), and whether top-1 agrees. On a GPU both run under bf16
-autocast (as TPT runs under AMP), so they agree to bf16 rounding only; each variant first adapts one
-untimed image (CUDA warm-up; for promptkit this also encodes the shared step-0 text pass, paid once per run).
+(largest |adapted - unadapted| of the naive loop), and whether top-1 agrees. promptkit runs with both text
+paths: every class over all its positions ("full rows", `FrozenCLIP.shared_prefix=False`) and the common
+[SOS]+context prefix once per context ("shared prefix", the default). `--amp bf16` (CUDA only, as TPT's
+autocast): everything under bf16 autocast, as TPT runs under AMP, so the variants agree to bf16 rounding
+only. On CUDA each variant first adapts one untimed image (warm-up; for promptkit this also encodes the
+shared step-0 text pass, paid once per run) and peak memory is torch.cuda.max_memory_allocated after it.
 Last column: building the 64 views from a 500x375 photo (crops, then AugMix), which `TPT.forward` adds to
 the adaptation time; both loops get the same pre-built views.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import time
@@ -26,15 +29,13 @@ import time
 import torch
 
 
-def naive_tpt(learner, views, lr=5e-3, selection=0.1):
+def naive_tpt(learner, views, amp, lr=5e-3, selection=0.1):
     """The research loop (azshue/TPT), one image at a time on the learner's own CoOp context."""
     import torch.nn.functional as F
 
     import promptkit
 
     clip, out = learner.clip, []
-    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if clip.device.type == "cuda"  # TPT runs under AMP
-           else contextlib.nullcontext())
     for sample in views:
         ctx = learner.ctx.detach().clone().requires_grad_(True)  # episodic: reset prompt and optimizer
         optimizer = torch.optim.AdamW([ctx], lr=lr)
@@ -61,7 +62,7 @@ def naive_tpt(learner, views, lr=5e-3, selection=0.1):
 
 def worker(cfg: dict) -> dict:
     import promptkit
-    from common import peak_memory_mb, setup_worker
+    from common import autocast, peak_memory_mb, setup_worker
 
     device, clip, names, size = setup_worker(cfg)
     learner = promptkit.CoOp(clip, names, ctx_init="a photo of a").to(device)
@@ -69,11 +70,11 @@ def worker(cfg: dict) -> dict:
     views = views.to(device)
     with torch.no_grad():
         unadapted = learner(views[:, 0]).float().cpu()
-    tpt = promptkit.TPT(learner, n_views=cfg["views"])
+    tpt = promptkit.TPT(learner, n_views=cfg["views"], autocast=cfg["amp"] == "bf16")
 
     def run(views):
         if cfg["variant"] == "naive":
-            return naive_tpt(learner, views)
+            return naive_tpt(learner, views, autocast(cfg))
         return torch.cat([tpt.adapt_views(views[i:i + cfg["batch"]]) for i in range(0, len(views), cfg["batch"])])
 
     if device.type == "cuda":  # warm-up (kernels, allocator) outside the timing
@@ -87,7 +88,7 @@ def worker(cfg: dict) -> dict:
     seconds = (time.perf_counter() - start) / cfg["images"]
     result = {"s_per_image": seconds, "peak_mb": peak_memory_mb(device),
               "logits": logits.detach().float().cpu().tolist(), "unadapted": unadapted.tolist()}
-    if cfg["variant"] == "promptkit":
+    if cfg["variant"] == "promptkit" and cfg["shared_prefix"]:  # once: it does not depend on the text path
         result.update(view_generation(learner, cfg))
     return result
 
@@ -129,27 +130,35 @@ def main():
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
-    from common import machine, run_isolated, table
+    from common import PATHS, machine, run_isolated, table
 
+    if args.amp != "none" and not args.device.startswith("cuda"):
+        parser.error("--amp: TPT autocasts on CUDA only; use --device cuda")
     rows = []
     for arch in args.archs:
         for classes in args.classes:
             cfg = dict(arch=arch, classes=classes, images=args.images, views=args.views, batch=args.batch,
-                       device=args.device, threads=args.threads)
+                       device=args.device, threads=args.threads, amp=args.amp)
             naive = run_isolated(__file__, {**cfg, "variant": "naive"})
-            fast = run_isolated(__file__, {**cfg, "variant": "promptkit"})
-            a, b, before = (torch.tensor(naive["logits"]), torch.tensor(fast["logits"]),
-                            torch.tensor(naive["unadapted"]))
+            paths = {name: run_isolated(__file__, {**cfg, "variant": "promptkit", "shared_prefix": shared})
+                     for name, shared in PATHS.items()}
+            a, before = torch.tensor(naive["logits"]), torch.tensor(naive["unadapted"])
             effect = (a - before).abs().max().item()
-            rows.append({"arch": arch, "C": classes, "naive s/image": naive["s_per_image"],
-                         "promptkit s/image": fast["s_per_image"],
-                         "speed-up": naive["s_per_image"] / fast["s_per_image"],
-                         "max |Δlogit| / adaptation effect": (a - b).abs().max().item() / max(effect, 1e-12),
-                         "top-1 agrees": bool((a.argmax(-1) == b.argmax(-1)).all()),
-                         "naive peak MB": naive["peak_mb"], "promptkit peak MB": fast["peak_mb"],
-                         "views s/image (crop / AugMix)": f"{fast['views_crop_s']:.3g} / {fast['views_augmix_s']:.3g}"})
+            row = {"arch": arch, "C": classes, "naive s/image": naive["s_per_image"]}
+            for name, fast in paths.items():
+                b = torch.tensor(fast["logits"])
+                row[f"{name} s/image"] = fast["s_per_image"]
+                row[f"{name} speed-up"] = naive["s_per_image"] / fast["s_per_image"]
+                row[f"{name} max |Δlogit| / effect"] = (a - b).abs().max().item() / max(effect, 1e-12)
+                row[f"{name} top-1 agrees"] = bool((a.argmax(-1) == b.argmax(-1)).all())
+            row["naive peak MB"] = naive["peak_mb"]
+            row.update({f"{name} peak MB": fast["peak_mb"] for name, fast in paths.items()})
+            fast = paths["shared prefix"]
+            row["views s/image (crop / AugMix)"] = f"{fast['views_crop_s']:.3g} / {fast['views_augmix_s']:.3g}"
+            rows.append(row)
             print(json.dumps(rows[-1]), flush=True)
-    print(f"\nTPT, {args.views} views, 1 step, {args.images} images, {args.device}. Machine: {machine()}\n")
+    print(f"\nTPT, {args.views} views, 1 step, {args.images} images, {args.device}, amp {args.amp}. "
+          f"Machine: {machine()}\n")
     print(table(rows, list(rows[0])))
 
 

@@ -12,6 +12,7 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 SUPPORTED = (
@@ -264,9 +265,10 @@ def project_text(model: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
     return proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
 
 
-def causal_mask(model: nn.Module, length: int) -> torch.Tensor | None:
+def causal_mask(model: nn.Module, length: int, start: int = 0) -> torch.Tensor | None:
+    """The text tower's attention mask of queries `start .. length-1` over keys `0 .. length-1` (None: no mask)."""
     mask = text_module(model).attn_mask
-    return None if mask is None else mask[:length, :length]
+    return None if mask is None else mask[start:length, :length]
 
 
 def text_tower(model: nn.Module, x: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
@@ -276,3 +278,70 @@ def text_tower(model: nn.Module, x: torch.Tensor, eot: torch.Tensor) -> torch.Te
     x = text.transformer(x, attn_mask=causal_mask(model, length))
     x = text.ln_final(x)
     return project_text(model, x[torch.arange(x.shape[0], device=x.device), eot])
+
+
+def prefix_cache_supported(model: nn.Module) -> bool:
+    """Whether a prompt prefix shared by many rows can be encoded once and its keys and values reused: the text
+    tower has a causal mask (without one, earlier positions see later ones) and open_clip's default blocks
+    (`ResidualAttentionBlock` with a packed `nn.MultiheadAttention`, whose weights `block_after_prefix` reads)."""
+    from open_clip.transformer import ResidualAttentionBlock
+
+    if causal_mask(model, 1) is None:
+        return False
+    return all(type(block) is ResidualAttentionBlock and isinstance(block.attn, nn.MultiheadAttention)
+               and block.attn._qkv_same_embed_dim and block.attn.in_proj_bias is not None
+               and not hasattr(block, "ln_1_kv") for block in text_blocks(model))
+
+
+def text_block_inputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Runs the text transformer over batch-first `x` [N, L, D] (positions 0 .. L-1, causal mask) and returns
+    each block's input [N, L, D] as the block saw it, after any prompt pre-hooks (registered earlier) ran."""
+    transformer = text_module(model).transformer
+    first = batch_first(transformer)
+    inputs, handles = [], []
+
+    def record(module, args, kwargs):
+        h = args[0] if args else kwargs.get("q_x", kwargs.get("x"))
+        inputs.append(h if first else h.transpose(0, 1))
+
+    try:
+        for block in text_blocks(model):
+            handles.append(block.register_forward_pre_hook(record, with_kwargs=True))
+        transformer(x, attn_mask=causal_mask(model, x.shape[1]))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return inputs
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return x.unflatten(-1, (heads, -1)).transpose(1, 2)  # [N, L, D] -> [N, H, L, D/H]
+
+
+def prefix_keys_values(block: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values [N, H, L, D/H] that `block`'s attention computes from its input `h` [N, L, D]."""
+    attn, width = block.attn, h.shape[-1]
+    kv = F.linear(block.ln_1(h), attn.in_proj_weight[width:], attn.in_proj_bias[width:])
+    k, v = kv.chunk(2, dim=-1)
+    return _heads(k, attn.num_heads), _heads(v, attn.num_heads)
+
+
+def block_after_prefix(block: nn.Module, x: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
+                       attn_mask: torch.Tensor, only: torch.Tensor | None = None) -> torch.Tensor:
+    """`block` over the positions P .. P+S-1 of each row, `x` [N, S, D] (batch-first), whose attention also
+    sees the positions 0 .. P-1 through their keys and values `past_k`, `past_v` [N, H, P, D/H];
+    `attn_mask` [S, P+S] is the model's causal mask for those rows. The same computation as the block's
+    own forward over all P+S positions, restricted to the last S outputs [N, S, D], or with `only` [N]
+    (suffix index per row) to one output per row [N, 1, D] (the last block: only the pooled one is read)."""
+    attn, heads = block.attn, block.attn.num_heads
+    q, k, v = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    if only is not None:
+        rows = torch.arange(len(x), device=x.device)
+        x, q = x[rows, only].unsqueeze(1), q[rows, only].unsqueeze(1)
+        attn_mask = attn_mask[only].view(len(x), 1, 1, -1)  # each row's query position over all keys
+    k = torch.cat([past_k, _heads(k, heads)], dim=2)
+    v = torch.cat([past_v, _heads(v, heads)], dim=2)
+    out = F.scaled_dot_product_attention(_heads(q, heads), k, v, attn_mask=attn_mask.to(q.dtype))
+    out = F.linear(out.transpose(1, 2).flatten(2), attn.out_proj.weight, attn.out_proj.bias)
+    x = x + block.ls_1(out)
+    return x + block.ls_2(block.mlp(block.ln_2(x)))

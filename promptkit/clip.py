@@ -45,10 +45,12 @@ class FrozenCLIP(nn.Module):
         preprocess: image transform; defaults to open_clip's eval transform for the model.
         arch: architecture name, recorded in checkpoints when known.
         pretrained: pretrained tag or file, recorded in checkpoints when known.
+        shared_prefix: encode a prompt prefix common to many rows once (see `encode_text`); False always
+            runs every row over all its positions (the benchmarks compare both). Can be set later.
     """
 
     def __init__(self, model: nn.Module, tokenizer=None, preprocess=None, *, arch: str | None = None,
-                 pretrained: str | None = None):
+                 pretrained: str | None = None, shared_prefix: bool = True):
         super().__init__()
         _compat.check_supported(model)
         self.model = model.eval()
@@ -66,6 +68,7 @@ class FrozenCLIP(nn.Module):
                 model.visual.image_size, is_train=False, mean=cfg.get("mean"), std=cfg.get("std"))
         self.preprocess = preprocess
         self.arch, self.pretrained = arch, pretrained
+        self.shared_prefix = shared_prefix
         # Rows of the prompt table being encoded, so context hooks can pick per-row prompts
         # when the text path encodes prompts in length groups (None = all rows, in order).
         self.text_rows: torch.Tensor | None = None
@@ -203,16 +206,32 @@ class FrozenCLIP(nn.Module):
         a few groups, each truncated to its own longest prompt, so one long class name
         does not make every prompt pay for it. Text towers without a causal mask (SigLIP)
         encode the full context (`_compat.text_length`). `hooks` are active while encoding.
+
+        Shared prefix: the first P positions have the same token ids in every row (e.g. "[SOS] X X X X" of
+        CoOp's context in front of the class name) and every text hook changes only positions < P, the same
+        way for all rows or for all rows of a group (`Hook.positions`, `Hook.row_groups`: one context per
+        image in CoCoOp and TPT). Under the causal mask those P positions' hidden states do not depend on
+        what follows, so the prefix is encoded once per group and each row only over its own suffix,
+        attending to the prefix's cached keys and values: the same numbers up to float rounding, and
+        gradients reach the prompts through the one prefix pass. Rows are encoded in full where that does
+        not hold (class-specific contexts, context after the first class token, a hook that does not say
+        what it changes, a text tower without causal mask), or with `shared_prefix=False`.
         """
         tokens = tokens.to(self.device)
         eot = self.eot_index(tokens)
         order = torch.argsort(eot)
         lengths = eot[order].tolist()
         n_groups = min(4, max(1, len(lengths) // 64)) if lengths[-1] - lengths[0] > 8 else 1
+        hooks = list(hooks)
+        shared = self._shared_prefix(tokens, lengths[0], hooks)
         parts = []
         with inject(hooks):
+            past = None if shared is None else self._encode_prefix(tokens, *shared)
             for rows in torch.tensor_split(order, n_groups):
-                parts.append(self._encode_rows(tokens, rows, eot[rows]))
+                if shared is None:
+                    parts.append(self._encode_rows(tokens, rows, eot[rows]))
+                else:
+                    parts.append(self._encode_suffix(tokens, rows, eot[rows], shared, past))
         features = torch.cat(parts)[torch.argsort(order)]
         return F.normalize(features, dim=-1) if normalize else features
 
@@ -224,6 +243,77 @@ class FrozenCLIP(nn.Module):
         finally:
             self.text_rows = None
         return _compat.text_tower(model, x, eot)
+
+    def _shared_prefix(self, tokens: torch.Tensor, shortest: int, hooks: list[Hook]):
+        """(P, group of each row [N], first row of each group [G]) when rows can share their first P positions
+        (see `encode_text`), else None. Decided from the token ids and what the hooks say they change."""
+        if not self.shared_prefix or len(tokens) < 2 or not _compat.prefix_cache_supported(self.model):
+            return None
+        differs = (tokens != tokens[:1]).any(0).nonzero()
+        # The pooled (EOT) position must be a suffix position: the prefix ends before the shortest row's EOT.
+        prefix = min(int(differs[0]) if len(differs) else tokens.shape[1], shortest)
+        blocks = list(self.text_blocks)
+        text_modules = None
+        ids = []
+        for hook in hooks:
+            if (hook.module is self.token_embedding and not hook.pre) or (
+                    hook.pre and any(hook.module is block for block in blocks)):
+                if hook.positions is None or hook.positions[1] > prefix:
+                    return None
+                if hook.row_groups is not None:
+                    if len(hook.row_groups) != len(tokens):
+                        return None
+                    ids.append(hook.row_groups.to(tokens.device))
+            else:
+                if text_modules is None:
+                    text = _compat.text_module(self.model)
+                    text_modules = {id(m) for part in (text.token_embedding, text.transformer, text.ln_final)
+                                    for m in part.modules()}
+                if id(hook.module) in text_modules:  # a hook the prefix path does not know: full rows
+                    return None
+        if prefix < 1:
+            return None
+        if ids:
+            _, groups = torch.unique(torch.stack(ids), dim=1, return_inverse=True)
+        else:
+            groups = torch.zeros(len(tokens), dtype=torch.long, device=tokens.device)
+        n = int(groups.max()) + 1
+        if n >= len(tokens):  # every row its own prefix: nothing to share
+            return None
+        first = torch.full((n,), len(tokens), device=tokens.device).scatter_reduce(
+            0, groups, torch.arange(len(tokens), device=tokens.device), "amin")
+        return prefix, groups, first
+
+    def _encode_prefix(self, tokens: torch.Tensor, prefix: int, groups: torch.Tensor, first: torch.Tensor):
+        """Keys and values [G, H, P, D/H] per text block of each group's prefix, hooks applied."""
+        text = _compat.text_module(self.model)
+        self.text_rows = first
+        try:
+            x = text.token_embedding(tokens[first, :prefix]).to(self.dtype)
+        finally:
+            self.text_rows = None
+        x = x + text.positional_embedding[:prefix].to(x.dtype)
+        inputs = _compat.text_block_inputs(self.model, x)
+        return [_compat.prefix_keys_values(block, h) for block, h in zip(self.text_blocks, inputs)]
+
+    def _encode_suffix(self, tokens: torch.Tensor, rows: torch.Tensor, eot: torch.Tensor, shared, past):
+        """Features of `rows` encoded over positions P .. max(EOT) only, attending to their group's prefix."""
+        model, text = self.model, _compat.text_module(self.model)
+        prefix, groups, first = shared
+        end = int(eot.max()) + 1
+        # The module's own forward, without hooks: they change only prefix positions, already encoded.
+        x = text.token_embedding.forward(tokens[rows, prefix:end]).to(self.dtype)
+        x = x + text.positional_embedding[prefix:end].to(x.dtype)
+        mask = _compat.causal_mask(model, end, start=prefix)
+        owner, last = groups[rows], len(past) - 1
+        for i, (block, (k, v)) in enumerate(zip(self.text_blocks, past)):
+            if len(first) == 1:
+                k, v = k.expand(len(rows), -1, -1, -1), v.expand(len(rows), -1, -1, -1)
+            else:
+                k, v = k[owner], v[owner]
+            # Only the pooled (EOT) position of the last block's output is read: compute that one alone.
+            x = _compat.block_after_prefix(block, x, k, v, mask, only=eot - prefix if i == last else None)
+        return _compat.project_text(model, text.ln_final(x[:, 0]))
 
     @torch.no_grad()
     def zero_shot_text_features(self, classnames: Sequence[str], templates: Sequence[str],

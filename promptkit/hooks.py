@@ -8,7 +8,7 @@ frozen model serves any number of learners and the plain zero-shot model at once
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -18,11 +18,19 @@ from torch import nn
 @dataclass(frozen=True)
 class Hook:
     """A forward hook (`fn(module, args, output) -> output`) or, with `pre=True`,
-    a forward pre-hook (`fn(module, args, kwargs) -> (args, kwargs)`) on `module`."""
+    a forward pre-hook (`fn(module, args, kwargs) -> (args, kwargs)`) on `module`.
+
+    A hook that replaces token positions may say which, so the text encoder can encode a prompt prefix shared
+    by many rows once (`FrozenCLIP.encode_text`): `positions` = (start, end), the only positions it changes
+    (None: unknown, which keeps the full path); `row_groups` [N]: rows with the same id get the same values
+    there (None: all rows do).
+    """
 
     module: nn.Module
     fn: Callable
     pre: bool = False
+    positions: tuple[int, int] | None = None
+    row_groups: torch.Tensor | None = field(default=None, compare=False)
 
 
 @contextmanager
@@ -79,4 +87,8 @@ def deep_prompt_hooks(blocks: Sequence[nn.Module], prompts: Sequence[torch.Tenso
             return args, kwargs
         return hook
 
-    return [Hook(blocks[first_layer + i], make(p), pre=True) for i, p in enumerate(prompts)]
+    def positions(prompt):
+        # Only a tensor shared by all rows is known ahead of the pass to be common to every row.
+        return (start, start + prompt.shape[-2]) if isinstance(prompt, torch.Tensor) and prompt.dim() == 2 else None
+
+    return [Hook(blocks[first_layer + i], make(p), pre=True, positions=positions(p)) for i, p in enumerate(prompts)]

@@ -47,11 +47,13 @@ def build_prompts(clip, classnames: Sequence[str], n_ctx: int, position: str = "
     return torch.tensor(rows), torch.tensor(positions)
 
 
-def context_hook(clip, ctx: torch.Tensor | callable, ctx_pos: torch.Tensor) -> Hook:
+def context_hook(clip, ctx: torch.Tensor | callable, ctx_pos: torch.Tensor,
+                 row_context: torch.Tensor | None = None) -> Hook:
     """Forward hook on the token embedding writing `ctx` into the context slots `ctx_pos` [R, n_ctx].
 
-    `ctx` is [n_ctx, W] (shared by all rows), [R, n_ctx, W] (one per row of the prompt table, e.g.
-    class-specific or per image), or a callable returning either, evaluated when the text runs.
+    `ctx` is [n_ctx, W] (shared by all rows), [K, n_ctx, W] (row r of the prompt table takes
+    `ctx[row_context[r]]`, e.g. one context per image over all its classes; without `row_context`, one per
+    row, e.g. class-specific), or a callable returning either, evaluated when the text runs.
     """
 
     def hook(module, args, out):
@@ -60,10 +62,18 @@ def context_hook(clip, ctx: torch.Tensor | callable, ctx_pos: torch.Tensor) -> H
         if rows is None:
             rows = torch.arange(out.shape[0], device=out.device)
         pos = ctx_pos[rows]
-        value = value.expand(len(rows), -1, -1) if value.dim() == 2 else value[rows]
+        if value.dim() == 2:
+            value = value.expand(len(rows), -1, -1)
+        else:
+            value = value[rows if row_context is None else row_context[rows]]
         return out.index_put((rows.new_tensor(range(len(rows)))[:, None], pos), value.to(out.dtype))
 
-    return Hook(clip.token_embedding, hook)
+    # Which rows share their context is known only for a tensor (a callable's value is seen when it runs).
+    positions = None
+    if isinstance(ctx, torch.Tensor) and (ctx.dim() == 2 or row_context is not None):
+        positions = (int(ctx_pos.min()), int(ctx_pos.max()) + 1)
+    return Hook(clip.token_embedding, hook, positions=positions,
+                row_groups=row_context if positions is not None and ctx.dim() == 3 else None)
 
 
 def init_context(clip, n_ctx: int | None, ctx_init: str | None, init_std: float) -> tuple[torch.Tensor, list | None]:
@@ -144,7 +154,11 @@ class CoOp(PromptLearner, PromptTuning):
 
     def context_text_features(self, contexts: torch.Tensor) -> torch.Tensor:
         b, n_classes = len(contexts), self.n_classes
-        # One prompt-table row per (context, class): a shared context [n_ctx, W] repeats over the classes.
-        rows = contexts.repeat_interleave(n_classes, 0) if self.ctx.dim() == 2 else contexts.flatten(0, 1)
-        hook = context_hook(self.clip, rows, self.ctx_pos.repeat(b, 1))
+        # One prompt-table row per (context, class): a shared context [n_ctx, W] serves its C rows (which then
+        # share their prefix), a class-specific one [C, n_ctx, W] one row each.
+        if self.ctx.dim() == 2:
+            owner = torch.arange(b, device=contexts.device).repeat_interleave(n_classes)
+            hook = context_hook(self.clip, contexts, self.ctx_pos.repeat(b, 1), owner)
+        else:
+            hook = context_hook(self.clip, contexts.flatten(0, 1), self.ctx_pos.repeat(b, 1))
         return self.clip.encode_text(self.tokens.repeat(b, 1), hooks=[hook]).view(b, n_classes, -1)
