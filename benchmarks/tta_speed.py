@@ -77,8 +77,8 @@ def worker(cfg: dict) -> dict:
             return naive_tpt(learner, views, autocast(cfg))
         return torch.cat([tpt.adapt_views(views[i:i + cfg["batch"]]) for i in range(0, len(views), cfg["batch"])])
 
-    if device.type == "cuda":  # warm-up (kernels, allocator) outside the timing
-        run(views[:1])
+    if device.type == "cuda":  # warm-up outside the timing: kernels, allocator, cuDNN plans for the timed shapes
+        run(views[:cfg["batch"]])
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()

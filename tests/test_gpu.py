@@ -68,5 +68,8 @@ def test_adapter_autocast_agrees_with_fp32(name, cuda_clip, classnames):
 
     exact, rounded = run(False), run(True)
     assert torch.isfinite(rounded).all()
-    assert (rounded - exact).abs().max() <= 3e-2 * exact.abs().max() + 1e-3
+    # A tuning adapter's first AdamW step moves each prompt entry by about lr whatever its gradient's size, so an
+    # entry whose gradient is near zero can step the other way under bf16: wider than the encoders' rounding.
+    tolerance = 6e-2 if name in ("tpt", "ctpt") else 3e-2
+    assert (rounded - exact).abs().max() <= tolerance * exact.abs().max() + 1e-3
     assert_unchanged(cuda_clip, before)

@@ -126,8 +126,9 @@ class TipAdapter(ZeroShotCLIP):
         (alpha, beta)."""
         (scale_b, scale_a), (steps_b, steps_a) = self.search_scale, self.search_steps
         betas = [i * (scale_b - 0.1) / steps_b + 0.1 for i in range(steps_b)]
-        alphas = torch.tensor([i * (scale_a - 0.1) / steps_a + 0.1 for i in range(steps_a)], device=features.device)
-        features, labels = features.float(), labels.to(features.device)
+        device = self._text_features.device  # the features may come from anywhere, e.g. a CPU cache
+        features, labels = features.float().to(device), labels.to(device)
+        alphas = torch.tensor([i * (scale_a - 0.1) / steps_a + 0.1 for i in range(steps_a)], device=device)
         with _fp32(features.device.type):
             zero_shot = super().logits(features, self.text_features())
             accuracy = torch.stack([
@@ -332,7 +333,7 @@ class ContrastiveAdapter(ZeroShotCLIP):
             val_labels: torch.Tensor | None = None) -> None:
         """Keeps the training set's frozen features [N, D] (normalised), labels [N] and whether zero-shot CLIP
         classifies each correctly: the pool of the objective's positives and hard negatives."""
-        features = F.normalize(features.float(), dim=-1)
+        features = F.normalize(features.float().to(self._text_features.device), dim=-1)
         labels = labels.long().to(features.device)
         correct = (features @ self._text_features.float().t()).argmax(-1).eq(labels)
         for name, value in (("bank_features", features), ("bank_labels", labels), ("bank_correct", correct)):
