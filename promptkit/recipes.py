@@ -4,7 +4,7 @@ config files and scripts it comes from).
 A recipe is what one protocol of a paper trains with: optimizer, learning rate, batch, epochs (by shot count
 where the authors vary them), warm-up, schedule, precision, the training augmentation and the method keywords
 that differ from the learner's defaults. Protocols: "few-shot" (all classes, K shots), "base2novel" (train on
-the base half of the classes), "cross-dataset" (train on ImageNet, test elsewhere), "domain-generalisation"
+the base half of the classes), "cross-dataset" (train on ImageNet, test elsewhere), "domainbed"
 (train on source domains, test on an unseen one; DPL) and "unsupervised" (a target set's unlabelled images: POUF,
 self-learning). Not every paper publishes every protocol; asking for a missing one says which exist. Recipes
 trained on every image of a set list no shot count.
@@ -23,7 +23,7 @@ from importlib import resources
 from .templates import dataset_name
 from .training.config import TrainConfig
 
-PROTOCOLS = ("few-shot", "base2novel", "cross-dataset", "domain-generalisation", "unsupervised")
+PROTOCOLS = ("few-shot", "base2novel", "cross-dataset", "domainbed", "unsupervised")
 # Tip-Adapter's 10 "augment epochs": enough crops per image for a few-shot run, 10 encoder passes at the start.
 CACHE_PASSES = 10
 # The TrainConfig fields a recipe sets besides epochs and augmentation.
@@ -64,7 +64,7 @@ def get_recipe(method: str, protocol: str = "few-shot", shots: int | None = 16,
 
     Args:
         method: a registered method name, e.g. "maple".
-        protocol: "few-shot", "base2novel", "cross-dataset", "domain-generalisation" or "unsupervised".
+        protocol: "few-shot", "base2novel", "cross-dataset", "domainbed" or "unsupervised".
         shots: training images per class (None: all). Where the epochs depend on the shot count, a count the
             authors did not run takes the value of the nearest smaller one they did (the notes say so).
         dataset: the dataset in any usual spelling ("stanford_cars", "dtd", "imagenet"), for recipes whose

@@ -239,9 +239,9 @@ def test_recipes_of_the_authors_scripts():
     eurosat = get_recipe("bayesian", "base2novel", 16, "eurosat")
     assert (eurosat.config.epochs, eurosat.method_kwargs["n_samples"]) == (60, 20)
     assert get_recipe("cpl", "base2novel").config.batch_size == 1
-    dpl = get_recipe("dpl", "domain-generalisation", None)
+    dpl = get_recipe("dpl", "domainbed", None)
     assert (dpl.config.lr, dpl.config.momentum, dpl.config.scheduler, dpl.config.augment) == (0.001, 0.1, "constant",
                                                                                               None)
-    assert "all images" in get_recipe("dpl", "domain-generalisation", 16).notes
-    with pytest.raises(ValueError, match="dpl has no few-shot recipe .*its recipes: domain-generalisation"):
+    assert "all images" in get_recipe("dpl", "domainbed", 16).notes
+    with pytest.raises(ValueError, match="dpl has no few-shot recipe .*its recipes: domainbed"):
         get_recipe("dpl")

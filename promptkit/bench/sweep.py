@@ -344,13 +344,10 @@ class Bench:
     def adapt(self, cell: Cell, dataset: str) -> dict:
         """Runs a test-time adapter over a test set in a seeded order, as `promptkit tta` (the authors'
         settings for the dataset, TPT's CoOp-style "a photo of a" context or the adapter's templates)."""
-        from torch.utils.data import DataLoader, Subset
-
         from ..learners import CoOp, ZeroShotCLIP
-        from ..metrics import classification_metrics
         from ..registry import ADAPTERS, create_adapter
         from ..training.cli import keyword_types
-        from ..tta.cli import _collate
+        from ..tta import adapt_dataset
         from ..tta.defaults import classifier_templates
 
         procedural = self.root == PROCEDURAL
@@ -366,12 +363,8 @@ class Bench:
         with torch.enable_grad():  # TPT and C-TPT take gradient steps on the prompt
             adapter = create_adapter(cell.method, learner, dataset=name, **keywords)
             order = torch.randperm(len(test), generator=torch.Generator().manual_seed(cell.seed)).tolist()
-            logits, labels = [], []
-            torch.manual_seed(cell.seed)
-            for images, targets in DataLoader(Subset(test, order), batch_size=16, collate_fn=_collate):
-                logits.append(adapter(images).detach().float().cpu())
-                labels += targets
-        return classification_metrics(torch.cat(logits), torch.tensor(labels))
+            result = adapt_dataset(adapter, test, batch_size=16, indices=order, progress=False)
+        return {k: v for k, v in result.items() if k != "predictions"}
 
     def _photos(self, dataset: str):
         from ..data import load_benchmark
