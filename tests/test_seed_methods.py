@@ -242,6 +242,6 @@ def test_recipes_of_the_authors_scripts():
     dpl = get_recipe("dpl", "domainbed", None)
     assert (dpl.config.lr, dpl.config.momentum, dpl.config.scheduler, dpl.config.augment) == (0.001, 0.1, "constant",
                                                                                               None)
-    assert "all images" in get_recipe("dpl", "domainbed", 16).notes
+    assert "every image" in get_recipe("dpl", "domainbed", 16).notes
     with pytest.raises(ValueError, match="dpl has no few-shot recipe .*its recipes: domainbed"):
         get_recipe("dpl")
