@@ -8,15 +8,7 @@ import torch.nn.functional as F
 import promptkit
 from conftest import assert_unchanged, snapshot
 from promptkit.training import PromptTrainer, TrainConfig
-
-
-def dataset(classnames, n=12, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(n, 3, 32, 32, generator=g)
-    labels = torch.arange(n) % len(classnames)
-    data = torch.utils.data.TensorDataset(images, labels)
-    data.classnames, data.targets = list(classnames), labels.tolist()
-    return data
+from test_heads import dataset
 
 
 def config(**kw):
@@ -54,13 +46,13 @@ def test_stage_one_is_the_linear_probe_and_stage_two_starts_from_it(vit_clip, cl
     vpt = promptkit.create_learner("vpt", vit_clip, classnames, n_vision=2, seed=0, head="linear-probe")
     calls = spy_fit(vpt)
     start = {k: v.clone() for k, v in vpt.prompt_state_dict().items()}
-    PromptTrainer(vpt, config(epochs=1, lr=0.0, weight_decay=0.0)).fit(dataset(classnames),
+    PromptTrainer(vpt, config(epochs=1, lr=0.0, weight_decay=0.0)).fit(dataset(classnames, 12),
                                                                         dataset(classnames, 6, 1))
     (features, labels, val_features, val_labels, _), = calls
     with torch.no_grad():
-        own = vpt.encode_image(dataset(classnames).tensors[0])
+        own = vpt.encode_image(dataset(classnames, 12).tensors[0])
     torch.testing.assert_close(features, own, atol=1e-5, rtol=0)  # VPT's features, not plain CLIP's
-    assert not torch.allclose(features, vit_clip.encode_image(dataset(classnames).tensors[0]), atol=1e-3)
+    assert not torch.allclose(features, vit_clip.encode_image(dataset(classnames, 12).tensors[0]), atol=1e-3)
     probe = promptkit.create_learner("linear-probe", vit_clip, classnames)
     probe.fit(features, labels, val_features, val_labels)
     torch.testing.assert_close(vpt.head.weight, probe.weight, atol=1e-6, rtol=0)
@@ -77,7 +69,7 @@ def test_stage_two_trains_head_and_prompts_and_clip_stays_frozen(method, keyword
     learner = promptkit.create_learner(method, vit_clip, classnames, seed=0, head="linear-probe", **keywords)
     calls = spy_fit(learner)
     trainer = PromptTrainer(learner, config(epochs=3, lr=5e-3))
-    trainer.fit(dataset(classnames), dataset(classnames, 6, 1))
+    trainer.fit(dataset(classnames, 12), dataset(classnames, 6, 1))
     assert (learner.head.weight - calls[0][-1]).abs().max() > 1e-4  # trained on from the probe
     assert trainer.history[-1]["train_loss"] < trainer.history[0]["train_loss"]
     if method == "vpt":  # the image prompts learn with the head; CoOp's text context no longer reaches the logits
