@@ -9,6 +9,12 @@ import torch.nn.functional as F
 
 import promptkit
 from conftest import assert_unchanged, snapshot
+from promptkit import _compat
+
+# open_clip's development branch (4.2) builds its blocks with its own `Attention`, which the prefix pass does not
+# read yet: there `encode_text` falls back to full rows (exact, covered by test_core) and this file has nothing to test.
+pytestmark = pytest.mark.skipif(not _compat.prefix_cache_supported(promptkit.load_clip("test-vit").model),
+                                reason="this open_clip's text blocks are not ones the shared prefix reads")
 
 # Class names from 1 to ~40 tokens, and enough classes (> 128) that the suffixes run in several length groups.
 NAMES = (["x", "golden retriever puppy playing in the snow on a very cold winter morning next to a frozen lake "
