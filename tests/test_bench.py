@@ -182,3 +182,48 @@ def test_tta_protocol(clip, root, tmp_path):
         run_bench(clip, "tta", ["coop"], root, tmp_path / "c", datasets=["dtd"])
     with pytest.raises(ValueError, match="the tta protocol trains nothing: leave out --shots"):
         run_bench(clip, "tta", ["tpt"], root, tmp_path / "c", datasets=["dtd"], shots=[16])
+
+
+@pytest.mark.slow
+def test_torchrun_sweep_equals_one_process(clip, root, tmp_path):
+    """Two gloo processes share every cell (the trainer splits each batch, evaluation and the feature cache are
+    sharded): the same prompts (up to float summation order), the same table and features, files written once
+    by rank 0, and a finished cell in the folder is skipped by both ranks."""
+    import subprocess
+    import sys
+
+    from promptkit.checkpoint import load_tensors
+
+    sweep = ["bench", "--protocol", "few-shot", "--datasets", "eurosat", "--shots", "1", "--seeds", "1", "--root",
+             str(root), "epochs=2", "batch_size=4", "cache_passes=1"]
+    methods = ["zeroshot", "coop", "promptsrc", "tip-adapter"]
+    assert main([*sweep, "--methods", *methods, "--out", str(tmp_path / "one")]) == 0
+    assert main([*sweep, "--methods", "zeroshot", "--out", str(tmp_path / "two")]) == 0  # finished before torchrun
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29571", "-m", "promptkit.cli", *sweep, "--methods", *methods, "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stdout + two.stderr
+    assert two.stdout.count("4 cells: 1 already finished, 3 trained (0 resumed)") == 1, two.stdout  # rank 0 logs
+    assert "2 processes" in two.stdout
+    one_rows, two_rows = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+    assert [(r["method"], r["top1"], r["n"]) for r in two_rows] == [(r["method"], r["top1"], r["n"]) for r in one_rows]
+    for method in ("coop", "promptsrc", "tip-adapter"):
+        path = f"cells/{method}/eurosat/1shot/seed1/prompts/prompt_weights.safetensors"
+        a, b = load_tensors(tmp_path / "one" / path), load_tensors(tmp_path / "two" / path)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0)
+    (a,), (b,) = ([load_tensors(p) for p in (tmp_path / d / "features").glob("*.safetensors")] for d in ("one", "two"))
+    assert torch.equal(a["labels"], b["labels"])  # the shards are put back in dataset order
+    torch.testing.assert_close(b["features"], a["features"], atol=1e-5, rtol=0)
+    assert not list((tmp_path / "two").rglob("*.tmp*"))  # no half-written file left by a second writer
+
+
+def test_stream_adapter_is_refused_under_torchrun(root):
+    from promptkit.bench.sweep import check_request
+
+    assert check_request("tta", ["tda", "tpt"], ["dtd"], [0], [1], str(root), "imagenet") == ["dtd"]
+    with pytest.raises(ValueError, match="tda adapts as one stream .* 2 processes cannot split: run its cells "
+                                         "without torchrun"):
+        check_request("tta", ["tpt", "tda"], ["dtd"], [0], [1], str(root), "imagenet", world=2)

@@ -8,9 +8,11 @@ import json
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Subset
 
 from ..checkpoint import load_tensors, save_tensors
+from ..training import distributed
 
 
 def model_digest(clip) -> str:
@@ -67,19 +69,28 @@ class FeatureCache:
 
     @torch.no_grad()
     def features(self, dataset) -> tuple[torch.Tensor, torch.Tensor]:
-        """([N, D] normalised image features, [N] labels) of `dataset`, from the cache or encoded now."""
+        """([N, D] normalised image features, [N] labels) of `dataset`, from the cache or encoded now (under
+        torchrun each rank encodes every W-th image, every rank gets them all, rank 0 writes the file)."""
+        device = self.clip.device
         path = self.directory / f"{self.key(dataset)}.safetensors"
-        if path.is_file():
+        if distributed.from_main(path.is_file(), device):
             self.hits += 1
             tensors = load_tensors(path)
-            return tensors["features"].to(self.clip.device), tensors["labels"].to(self.clip.device)
+            return tensors["features"].to(device), tensors["labels"].to(device)
         self.misses += 1
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        index = torch.arange(rank, len(dataset), world)
         chunks, labels = [], []
-        for images, targets in DataLoader(dataset, batch_size=self.batch_size):
-            chunks.append(self.clip.encode_image(images.to(self.clip.device)).float())
-            labels.append(torch.as_tensor(targets))
-        features, labels = torch.cat(chunks), torch.cat(labels).long()
-        self.directory.mkdir(parents=True, exist_ok=True)
-        save_tensors({"features": features.cpu(), "labels": labels}, path,
-                     metadata={"n": str(len(labels)), "model": self.model[:16]})
-        return features, labels.to(self.clip.device)
+        for images, targets in DataLoader(Subset(dataset, index.tolist()), batch_size=self.batch_size):
+            chunks.append(self.clip.encode_image(images.to(device)).float())
+            labels.append(torch.as_tensor(targets).to(device))
+        if not chunks:  # a rank past the last image still joins the gather
+            chunks, labels = [torch.zeros(0, self.clip.embed_dim, device=device)], [torch.zeros(0, device=device)]
+        order = distributed.gather_cat(index.to(device)).argsort()
+        features = distributed.gather_cat(torch.cat(chunks))[order]
+        labels = distributed.gather_cat(torch.cat(labels).long())[order]
+        if distributed.is_main():
+            self.directory.mkdir(parents=True, exist_ok=True)
+            save_tensors({"features": features.cpu(), "labels": labels.cpu()}, path,
+                         metadata={"n": str(len(labels)), "model": self.model[:16]})
+        return features, labels

@@ -7,6 +7,10 @@ Layout of `out`:
         eval/<dataset>-<classes>.json    one evaluation (written last: its presence means done)
     features/<digest>.safetensors        evaluation image features (FeatureCache)
     results.csv, summary.md, plots/      written from every finished evaluation of the sweep
+
+Under `torchrun` every rank walks the same cells: each cell is trained by all ranks together (the trainer
+splits every batch over them), evaluation and test-time adaptation are sharded over the ranks, and rank 0 alone
+writes files and takes the decisions read from them (which cells are finished, which resume).
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..checkpoint import load_json, save_json
+from ..training import distributed
 
 # Each protocol: the recipe it trains with, its default shots, and how its cells are laid out.
 PROTOCOLS = {
@@ -100,12 +105,15 @@ def plan(protocol: str, datasets: Sequence[str], methods: Sequence[str], shots: 
 
 
 def check_request(protocol: str, methods: Sequence[str], datasets: Sequence[str], shots: Sequence[int],
-                  seeds: Sequence[int], root: str, source: str) -> list[str]:
+                  seeds: Sequence[int], root: str, source: str, world: int = 1) -> list[str]:
     """Every mistake of a request, found before anything runs. Returns the datasets' canonical names.
+
+    Args:
+        world: processes the sweep runs in (torchrun's WORLD_SIZE).
 
     Raises:
         ValueError: an unknown protocol or method, a method without a recipe for the protocol, repeated or
-            invalid seeds or shots, a dataset the protocol cannot use.
+            invalid seeds or shots, a dataset the protocol cannot use, a stream adapter under torchrun.
     """
     from ..data import FEW_SHOT_DATASETS, SHIFTS, benchmark_name
     from ..recipes import get_recipe
@@ -135,6 +143,11 @@ def check_request(protocol: str, methods: Sequence[str], datasets: Sequence[str]
         if unknown:
             raise ValueError(f"method {unknown[0]} is unknown to the tta protocol: it runs test-time adapters "
                              f"({', '.join(ADAPTERS.names())}) and zeroshot")
+        streams = [m for m in methods if m != ZERO_SHOT and not ADAPTERS.get(m).episodic]
+        if streams and world > 1:
+            raise ValueError(f"{streams[0]} adapts as one stream over the test set (each prediction depends on every "
+                             f"image before it), which {world} processes cannot split: run its cells without "
+                             f"torchrun (same --out), and the episodic adapters with it")
         methods = []
     for method in methods:
         if method not in known:
@@ -228,7 +241,8 @@ class Bench:
         from .features import FeatureCache
 
         self.clip, self.root, self.out, self.protocol = clip, str(root), Path(out), protocol
-        self.overrides, self.log = dict(overrides or {}), log
+        self.overrides = dict(overrides or {})
+        self.log = log if distributed.is_main() else (lambda line: None)
         self.cache = FeatureCache(self.out / "features", clip) if self.root != PROCEDURAL else None
         self.trained = self.resumed = self.skipped = 0
         # The procedural test sets (tensors, no files to key a FeatureCache by) and their features, once per sweep.
@@ -252,7 +266,7 @@ class Bench:
     def run(self, cells: Sequence[Cell]) -> list[dict]:
         for i, cell in enumerate(cells, 1):
             directory = cell.directory(self.out)
-            todo = [e for e in cell.evals if not self._eval_path(directory, *e).is_file()]
+            todo = self._agree([e for e in cell.evals if not self._eval_path(directory, *e).is_file()])
             if not todo:
                 self.skipped += 1
                 continue
@@ -262,9 +276,15 @@ class Bench:
             for dataset, classes in todo:
                 metrics = (self.adapt(cell, dataset) if self.protocol == "tta" and cell.method != ZERO_SHOT
                            else self.evaluate(cell, prompts, dataset, classes))
-                save_json({"top1": metrics["top1"], "macro_f1": metrics.get("macro_f1"), "n": metrics["n"]},
-                          self._eval_path(directory, dataset, classes))
+                if distributed.is_main():
+                    save_json({"top1": metrics["top1"], "macro_f1": metrics.get("macro_f1"), "n": metrics["n"]},
+                              self._eval_path(directory, dataset, classes))
+        distributed.barrier()  # every rank reads the evaluations rank 0 wrote
         return self.rows(cells)
+
+    def _agree(self, value):
+        """Rank 0's reading of the output folder, so every rank takes the same branch (one process: itself)."""
+        return distributed.from_main(value, self.clip.device)
 
     def train(self, cell: Cell, directory: Path) -> Path:
         from ..data import train_transform
@@ -275,7 +295,7 @@ class Bench:
         from ..training.trainer import PromptTrainer
 
         prompts = directory / "prompts"
-        if (prompts / "config.json").is_file():
+        if self._agree((prompts / "config.json").is_file()):
             return prompts
         procedural = self.root == PROCEDURAL
         recipe = get_recipe(cell.method, PROTOCOLS[self.protocol]["recipe"], cell.shots,
@@ -291,13 +311,14 @@ class Bench:
         if not procedural and "dataset" in keyword_types(METHODS.get(cell.method)):
             keywords.setdefault("dataset", cell.train)  # the method's per-dataset templates
         learner = create_learner(cell.method, self.clip, train.classnames, seed=cell.seed, **keywords)
-        resume = (directory / "checkpoint").is_dir()
+        resume = self._agree((directory / "checkpoint").is_dir())
         self.resumed += resume
         self.trained += 1
         # CoOp's runs evaluate the last epoch's prompts on the test set: no validation during training. Learners
         # built from features (Tip-Adapter, the linear probe) search their hyperparameters on CoOp's few-shot val.
         val = self.dataset(cell.train, "val", cell.shots, cell.seed, cell.classes) if hasattr(learner, "fit") else None
         PromptTrainer(learner, config).fit(train, val, resume=resume)
+        distributed.barrier()  # rank 0 has written the prompts every rank loads next
         return prompts
 
     @torch.no_grad()
@@ -431,7 +452,10 @@ def run_bench(clip, protocol: str, methods: Sequence[str], root, out, datasets: 
             the procedural benchmark).
         overrides: TrainConfig values over every recipe, e.g. {"epochs": 1}.
         model: how `clip` was loaded ({"arch", "pretrained", "precision", "quick_gelu"}), recorded in sweep.json.
-        log: where progress lines go.
+        log: where progress lines go (rank 0's, under torchrun).
+
+    Under `torchrun` every rank must call this with the same arguments (see the module docstring); each
+    returns all the rows.
 
     Raises:
         ValueError, FileNotFoundError: a mistake in the request, a dataset the sweep cannot read, or an `out`
@@ -444,7 +468,8 @@ def run_bench(clip, protocol: str, methods: Sequence[str], root, out, datasets: 
     shots = list(shots or PROTOCOLS.get(protocol, {}).get("shots", [16]))
     if protocol in PROTOCOLS and not datasets:
         datasets = default_datasets(protocol, root)
-    datasets = check_request(protocol, list(methods), list(datasets or []), shots, list(seeds), root, source)
+    world = distributed.world_size()
+    datasets = check_request(protocol, list(methods), list(datasets or []), shots, list(seeds), root, source, world)
     model = model or {"arch": getattr(clip, "arch", None), "pretrained": getattr(clip, "pretrained", None)}
     settings = {"protocol": protocol, "source": source if protocol in ("cross-dataset", "domain-generalization")
                 else None, "arch": model.get("arch"), "pretrained": model.get("pretrained"),
@@ -453,15 +478,20 @@ def run_bench(clip, protocol: str, methods: Sequence[str], root, out, datasets: 
     check_sweep_file(out, settings)
     cells = plan(protocol, datasets, methods, shots, seeds, source)
     check_data(cells, root)
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / "sweep.json").is_file():
-        save_json(settings, out / "sweep.json")
+    distributed.setup(clip.device)
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        if not (out / "sweep.json").is_file():
+            save_json(settings, out / "sweep.json")
     bench = Bench(clip, root, out, protocol, overrides, log)
     rows = bench.run(cells)
-    write_results(rows, out / "results.csv")
-    write_summary(rows, {**settings, "seeds": list(seeds), "source": source}, out)
+    if distributed.is_main():
+        write_results(rows, out / "results.csv")
+        write_summary(rows, {**settings, "seeds": list(seeds), "source": source}, out)
     cache = bench.cache
-    log(f"{len(cells)} cells: {bench.skipped} already finished, {bench.trained} trained ({bench.resumed} resumed)"
-        + (f"; evaluation features: {cache.hits} reused, {cache.misses} computed" if cache else "")
-        + f"; wrote {out / 'results.csv'} and {out / 'summary.md'}")
+    bench.log(f"{len(cells)} cells: {bench.skipped} already finished, {bench.trained} trained ({bench.resumed} "
+              f"resumed)" + (f"; evaluation features: {cache.hits} reused, {cache.misses} computed" if cache else "")
+              + (f"; {world} processes" if world > 1 else "") + f"; wrote {out / 'results.csv'} and "
+              f"{out / 'summary.md'}")
+    distributed.barrier()  # the tables exist when any rank returns
     return rows

@@ -6,6 +6,7 @@ import collections.abc
 import difflib
 import inspect
 import json
+import os
 import shutil
 import types
 import typing
@@ -47,9 +48,13 @@ def add_load_args(parser: argparse.ArgumentParser, default_help: str) -> None:
 
 def load_model(args, device: str | None = None):
     from ..clip import load_clip
+    from . import distributed
 
-    return load_clip(args.arch, args.pretrained, device=_device(args.device or device), precision=args.precision,
-                     cache_dir=args.cache_dir, quick_gelu=args.quick_gelu)
+    device = _device(args.device or device)
+    if distributed.world_size() > 1 and device == "cuda":  # torchrun: one GPU per local rank
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    return load_clip(args.arch, args.pretrained, device=device, precision=args.precision, cache_dir=args.cache_dir,
+                     quick_gelu=args.quick_gelu)
 
 
 def _device(name: str | None) -> str:

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 def setup(device: torch.device) -> tuple[int, int]:
     """Initialises the process group when launched by torchrun (WORLD_SIZE > 1). Returns (rank, world)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     if world == 1:
         return 0, 1
     if not dist.is_initialized():
@@ -19,6 +19,26 @@ def setup(device: torch.device) -> tuple[int, int]:
 
 def is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def world_size() -> int:
+    """Processes torchrun launched (1 without torchrun), known before the process group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def from_main(value, device: torch.device):
+    """Rank 0's `value` (a small picklable object of promptkit's own, never a user file) on every rank: for
+    decisions read from a shared file system, which every rank must take the same way."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
+    return box[0]
 
 
 def average_gradients(params) -> None:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 import torch
 
-from ..training.cli import (_device, _folder, add_load_args, add_model_and_data_args, check_value, has_splits,
-                            keyword_types, load_model, load_split)
+from ..training.cli import (_folder, add_load_args, add_model_and_data_args, check_value, has_splits, keyword_types,
+                            load_model, load_split)
 
 
 def configure(parser: argparse.ArgumentParser, command: str) -> None:
@@ -51,14 +50,11 @@ def run(args: argparse.Namespace) -> int:
         if key not in keywords:
             raise ValueError(f"unknown key {key!r}; {args.method} keywords: {', '.join(keywords)}")
         check_value(key, value, keywords[key], args.method)
-    check_ranks(adapter_cls, int(os.environ.get("WORLD_SIZE", "1")), args.independent_streams)
+    check_ranks(adapter_cls, distributed.world_size(), args.independent_streams)
     if args.resume and not args.out:
         raise ValueError("--resume continues the run in --out DIR: pass --out too")
     splits = has_splits(args)
-    device = _device(args.device)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device == "cuda":  # torchrun: one GPU per local rank
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    clip = load_model(argparse.Namespace(**{**vars(args), "device": device}))
+    clip = load_model(args)
     distributed.setup(clip.device)
     split = args.split or ("shifted" if args.data == "procedural" else "test")
     # Image files reach the adapter as PIL images: as in TPT, crops are cut from the full-resolution photo.
