@@ -68,6 +68,19 @@ def test_coop_few_shot_epochs_follow_the_shot_count(shots, epochs):
     assert get_recipe("coop", "few-shot", shots, dataset="imagenet").config.epochs == 50
 
 
+@pytest.mark.parametrize("method", ["tip-adapter", "tip-adapter-f"])
+def test_tip_adapter_per_dataset_configs(method, vit_clip):
+    """Tip-Adapter's configs/<dataset>.yaml: init_alpha and search_scale per dataset (ImageNet's and OxfordPets' are
+    the learner's defaults); eurosat.yaml trains 100 epochs. The recipe's keywords reach the learner."""
+    assert get_recipe(method, "few-shot", 16).method_kwargs == {}
+    assert get_recipe(method, "few-shot", 16, "oxford_pets").method_kwargs == {}
+    flowers = get_recipe(method, "few-shot", 4, "oxford_flowers")
+    assert flowers.method_kwargs == {"alpha": 10, "search_scale": [50, 50]} and flowers.config.epochs == 20
+    assert get_recipe(method, "few-shot", 16, "eurosat").config.epochs == (100 if method == "tip-adapter-f" else 20)
+    learner = promptkit.create_learner(method, vit_clip, ["a", "b"], **flowers.method_kwargs)
+    assert float(learner.alpha) == 10 and learner.search_scale == (50, 50)
+
+
 def test_maple_recipes():
     config = promptkit.TrainConfig.for_method("maple", protocol="base2novel")
     assert (config.lr, config.batch_size, config.epochs) == (0.0035, 4, 5)
