@@ -11,7 +11,9 @@ import pytest
 from benchmark_trees import make_tree
 from promptkit.cli import main
 from promptkit.data import check_benchmark, load_benchmark
-from promptkit.data.benchmarks import CLASSES, IMAGENET_NAMES, IMAGENET_WNIDS, RECIPES, benchmark_name, splits_of
+from promptkit.data.benchmarks import (CLASSES, IMAGENET_NAMES, IMAGENET_WNIDS, RECIPES, _val_is_test, benchmark_name,
+                                       class_indices, splits_of)
+from promptkit.data.folders import VAL_SHOTS
 
 SPLIT_FILE_DATASETS = [n for n, r in RECIPES.items() if r["kind"] == "split_json"]
 
@@ -48,6 +50,25 @@ def test_renamed_class_names_are_coops():
     assert counts == {"caltech101": 100, "oxford_pets": 37, "stanford_cars": 196, "oxford_flowers": 102,
                       "food101": 101, "sun397": 397, "dtd": 47, "eurosat": 10, "ucf101": 101, "fgvc_aircraft": 100}
 
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_published_sizes_are_consistent(name):
+    # The shipped sizes against the shipped class lists and CoOp's protocol, not against a second copy of the
+    # numbers: `data check` has a published size for every split it compares, every class fits in every split
+    # (CoOp's splits hold each class in each split), a few-shot train split has room for CoOp's largest draw
+    # (16 per class) and its val split for the min(16, 4) val images per class; each recipe names its source.
+    recipe = RECIPES[name]
+    sizes = recipe["sizes"]
+    assert set(sizes) == {"test" if split == "val" and _val_is_test(name) else split for split in splits_of(name)}
+    n_classes = len(CLASSES[recipe["classes"]]) if recipe["kind"] in ("split_json", "fgvc") else len(
+        class_indices(name))
+    assert all(type(n) is int and n >= n_classes for n in sizes.values()), sizes
+    if "train" in sizes:
+        assert sizes["train"] >= 16 * n_classes
+    if "val" in sizes:
+        assert sizes["val"] >= VAL_SHOTS * n_classes
+    assert recipe["sizes_source"].strip()
 
 def test_imagenet_family(data_root):
     assert len(IMAGENET_WNIDS) == len(set(IMAGENET_WNIDS)) == 1000 and IMAGENET_WNIDS == sorted(IMAGENET_WNIDS)
