@@ -51,7 +51,6 @@ def test_renamed_class_names_are_coops():
                       "food101": 101, "sun397": 397, "dtd": 47, "eurosat": 10, "ucf101": 101, "fgvc_aircraft": 100}
 
 
-
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_published_sizes_are_consistent(name):
     # The shipped sizes against the shipped class lists and CoOp's protocol, not against a second copy of the
@@ -69,6 +68,7 @@ def test_published_sizes_are_consistent(name):
     if "val" in sizes:
         assert sizes["val"] >= VAL_SHOTS * n_classes
     assert recipe["sizes_source"].strip()
+
 
 def test_imagenet_family(data_root):
     assert len(IMAGENET_WNIDS) == len(set(IMAGENET_WNIDS)) == 1000 and IMAGENET_WNIDS == sorted(IMAGENET_WNIDS)
