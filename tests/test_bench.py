@@ -10,8 +10,7 @@ import torch
 
 import promptkit
 from benchmark_trees import make_tree
-from promptkit.bench import FeatureCache, harmonic_mean, model_digest, run_bench
-from promptkit.bench.tables import PUBLISHED, summarize
+from promptkit.bench import PUBLISHED, FeatureCache, harmonic_mean, model_digest, run_bench, summarize
 from promptkit.cli import main
 from promptkit.data import FEW_SHOT_DATASETS, SHIFTS, load_benchmark
 
@@ -190,30 +189,33 @@ def test_published_numbers_are_consistent():
     harmonic mean of its base and novel and each average the mean of its datasets (catches transcription slips)."""
     canonical = set(FEW_SHOT_DATASETS) | set(SHIFTS)
     known = set(promptkit.list_methods()) | set(promptkit.list_adapters())
-    assert set(PUBLISHED) == {"_about", "few-shot", "base2novel", "cross-dataset", "domain-generalization", "tta"}
+    groups = PUBLISHED["dataset_groups"]
+    assert set(PUBLISHED) == {"_about", "dataset_groups", "few-shot", "base2novel", "cross-dataset",
+                              "domain-generalization", "tta"}
+    assert all(over and set(over) <= canonical for over in groups.values())
     harmonic_checked = averages_checked = 0
     for protocol, block in PUBLISHED.items():
-        if protocol == "_about":
+        if protocol in ("_about", "dataset_groups"):
             continue
-        over = block["average_over"]
-        assert over and set(over) <= canonical, protocol
-        for method, entry in block["methods"].items():
-            assert method in known, (protocol, method)
-            assert "@" in entry["source"] and ": " in entry["source"], (protocol, method)  # repo@commit: file:line
-            per_dataset = entry.get("per_dataset", {})
-            assert per_dataset or "average" in entry, (protocol, method)
-            assert set(per_dataset) <= canonical, (protocol, method)
-            for value in [*per_dataset.values(), *([entry["average"]] if "average" in entry else [])]:
-                if isinstance(value, dict):
-                    assert set(value) == {"base", "novel", "hm"}, (protocol, method)
-                    assert harmonic_mean(value["base"], value["novel"]) == pytest.approx(value["hm"], abs=0.01)
-                    harmonic_checked += 1
-                else:
-                    assert 0 < value < 100, (protocol, method)
-            if "average" in entry and set(over) <= set(per_dataset):
-                mean = sum(per_dataset[d] for d in over) / len(over)
-                assert mean == pytest.approx(entry["average"], abs=0.01), (protocol, method)
-                averages_checked += 1
+        for method, entries in block["methods"].items():
+            assert method in known and entries, (protocol, method)
+            for entry in entries:
+                assert "@" in entry["source"] and ": " in entry["source"], entry  # repo@commit: file:line
+                per_dataset = entry.get("per_dataset", {})
+                assert set(per_dataset) <= canonical and (per_dataset or "average" in entry), entry
+                assert ("average" in entry) == ("average_over" in entry), entry
+                for value in [*per_dataset.values(), *([entry["average"]] if "average" in entry else [])]:
+                    if isinstance(value, dict):
+                        assert set(value) == {"base", "novel", "hm"}, entry
+                        assert harmonic_mean(value["base"], value["novel"]) == pytest.approx(value["hm"], abs=0.01)
+                        harmonic_checked += 1
+                    else:
+                        assert 0 < value < 100, entry
+                over = groups[entry["average_over"]] if "average" in entry else []
+                if over and set(over) <= set(per_dataset):
+                    mean = sum(per_dataset[d] for d in over) / len(over)
+                    assert mean == pytest.approx(entry["average"], abs=0.01), entry
+                    averages_checked += 1
     assert harmonic_checked and averages_checked
 
 
@@ -230,23 +232,26 @@ def test_summary_shows_published_numbers_and_differences():
     targets = [d for d in FEW_SHOT_DATASETS if d != "imagenet"]
     cells = {("coop", d): 50.0 + i for i, d in enumerate(targets)} | {("coop", "imagenet"): 90.0}
     mine = sum(50.0 + i for i in range(len(targets))) / len(targets)  # the source's 90 is not a target
-    assert f"| coop | average | {mine:.2f} | 63.88 | {mine - 63.88:+.2f} | {source} |" in \
+    assert f"| coop | average (10 targets) | {mine:.2f} | 63.88 | {mine - 63.88:+.2f} | {source} |" in \
         _summary("cross-dataset", cells, "imagenet")
     del cells[("coop", "dtd")]
-    assert "| coop | average | – | 63.88 | – (needs all 10 datasets) |" in _summary("cross-dataset", cells, "imagenet")
+    assert "| coop | average (10 targets) | – | 63.88 | – (needs all 10 datasets) |" in _summary("cross-dataset", cells, "imagenet")
 
     shifts = {"imagenet_v2": 60.0, "imagenet_sketch": 45.0, "imagenet_a": 52.5, "imagenet_r": 80.0}
     cells = {("cocoop", d): v for d, v in shifts.items()} | {("cocoop", "imagenet"): 71.0}
     summary = _summary("domain-generalization", cells, "imagenet")
     assert "| cocoop | imagenet_a | 52.50 | 50.63 | +1.87 |" in summary
     assert "| cocoop | imagenet_r | 80.00 | 76.18 | +3.82 |" in summary
-    assert f"| cocoop | average | 59.38 | 59.91 | {59.375 - 59.91:+.2f} |" in summary
+    assert f"| cocoop | average (4 shifts) | 59.38 | 59.91 | {59.375 - 59.91:+.2f} |" in summary
     assert "imagenet |" not in summary  # no published number for the source
 
     cells = {("tpt", d): v for d, v in shifts.items()} | {("zeroshot", d): v for d, v in shifts.items()
                                                           if d != "imagenet_r"}
     summary = _summary("tta", cells)
-    assert "| tpt | imagenet_a | 52.50 | 54.77 | -2.27 |" in summary and "| tpt | imagenet_v2 |" not in summary
-    assert "| tpt | average |" not in summary  # none published for TPT
+    assert "| tpt | imagenet_a | 52.50 | 54.77 | -2.27 | jameelhassan/PromptAlign" in summary
+    assert "| tpt | imagenet_a | 52.50 | 52.60 | -0.10 | ashshaksharifdeen/O-TPT" in summary
+    assert "| tpt | imagenet_v2 | 60.00 | 63.00 | -3.00 |" in summary and "64.35" not in summary
+    assert "| tpt | average" not in summary  # none shipped for TPT
     assert "| zeroshot | imagenet_sketch | 45.00 | 46.06 | -1.06 |" in summary
-    assert "| zeroshot | average | – | 57.20 | – (needs all 4 datasets) |" in summary
+    assert "| zeroshot | average (4 shifts) | – | 57.20 | – (needs all 4 datasets) |" in summary
+    assert "| zeroshot | imagenet_r |" not in summary  # not in this sweep

@@ -149,33 +149,34 @@ def _published_value(value):
 
 def _against_published(protocol: str, measured: dict) -> list[str]:
     """The published ViT-B/16 numbers of `protocol` (published.json) beside the sweep's `measured` ({method:
-    {dataset: top-1 or (base, novel, hm)}}): each dataset a source prints and the sweep ran, and the published
+    {dataset: top-1 or (base, novel, hm)}}): each dataset a source prints and the sweep ran, and a source's
     average, compared only when the sweep ran all the datasets that average is over."""
-    published = PUBLISHED.get(protocol, {})
-    over = published.get("average_over", [])
     rows = []
-    for method, entry in published.get("methods", {}).items():
+    for method, entries in PUBLISHED.get(protocol, {}).get("methods", {}).items():
         if method not in measured:
             continue
         ours = measured[method]
-        cells = [(d, ours.get(d), v) for d, v in entry.get("per_dataset", {}).items() if d in ours]
-        if "average" in entry:
-            complete = all(d in ours for d in over)
-            cells.append(("average", _average([ours[d] for d in over]) if complete else None, entry["average"]))
-        for dataset, mine, value in cells:
-            value = _published_value(value)
-            if mine is None:
-                rows.append([method, dataset, "–", _format(value), f"– (needs all {len(over)} datasets)",
-                             entry["source"]])
-            else:
-                diff = tuple(a - b for a, b in zip(mine, value)) if isinstance(value, tuple) else mine - value
-                rows.append([method, dataset, _format(mine), _format(value), _format(diff, signed=True),
+        for entry in entries:
+            cells = [(d, ours.get(d), v) for d, v in entry.get("per_dataset", {}).items() if d in ours]
+            if "average" in entry:
+                over = PUBLISHED["dataset_groups"][entry["average_over"]]
+                mine = _average([ours[d] for d in over]) if all(d in ours for d in over) else None
+                cells.append((f"average ({entry['average_over']})", mine, entry["average"]))
+            for dataset, mine, value in cells:
+                value = _published_value(value)
+                if mine is None:
+                    difference = f"– (needs all {len(over)} datasets)"
+                else:
+                    difference = _format(tuple(a - b for a, b in zip(mine, value)) if isinstance(value, tuple)
+                                         else mine - value, signed=True)
+                rows.append([method, dataset, "–" if mine is None else _format(mine), _format(value), difference,
                              entry["source"]])
     if not rows:
         return ["Published numbers: none are shipped for these methods under this protocol (promptkit/bench/"
                 "published.json says which are).", ""]
     return ["## Against the published ViT-B/16 numbers", "",
-            f"Difference: this sweep minus the published number. Average: over {', '.join(over)}.", "",
+            "Difference: this sweep minus the published number; an average is over the datasets named "
+            "(promptkit/bench/published.json lists them).", "",
             *_table(["method", "dataset", "this sweep", "published", "difference", "source"], rows), ""]
 
 
