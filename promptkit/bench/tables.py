@@ -70,7 +70,9 @@ def summarize(rows: Sequence[dict], settings: dict) -> tuple[str, dict]:
                     curves[m] = points
             if curves:
                 plots[d] = curves
-        lines += _against_published(protocol, {})
+        lines += _published_section([row for k in shots_list for row in _published_rows(
+            protocol, {m: {d: mean_std(acc[(m, d, k)])[0] for d in datasets if (m, d, k) in acc} for m in methods},
+            shots=k)])
     elif protocol == "base2novel":
         datasets = list(dict.fromkeys(r["dataset"] for r in rows))
         acc = _by(rows, "method", "dataset", "classes")
@@ -92,7 +94,7 @@ def summarize(rows: Sequence[dict], settings: dict) -> tuple[str, dict]:
                   "Per dataset: base ± std / novel ± std / HM of the two means. Average: the mean base and novel "
                   "accuracy over the datasets and their HM (as CoCoOp's tables).", "",
                   *_table(["method", *datasets, "average"], table), ""]
-        lines += _against_published(protocol, measured)
+        lines += _published_section(_published_rows(protocol, measured))
     elif protocol == "tta":
         datasets = list(dict.fromkeys(r["dataset"] for r in rows))
         acc = _by(rows, "method", "dataset")
@@ -103,7 +105,7 @@ def summarize(rows: Sequence[dict], settings: dict) -> tuple[str, dict]:
                           f"{sum(means) / len(means):.2f}" if len(means) == len(datasets) else "–"])
         lines += ["## Test-time adaptation (top-1 on each test set)", "",
                   *_table(["method", *datasets, "average"], table), ""]
-        lines += _against_published(protocol, _means(acc))
+        lines += _published_section(_published_rows(protocol, _means(acc)))
     else:
         source = settings["source"]
         datasets = [source] + [d for d in dict.fromkeys(r["dataset"] for r in rows) if d != source]
@@ -116,16 +118,15 @@ def summarize(rows: Sequence[dict], settings: dict) -> tuple[str, dict]:
                           f"{sum(targets) / len(targets):.2f}" if complete and targets else "–"])
         lines += [f"## Trained on {source}, evaluated on the targets", "",
                   *_table(["method", f"{source} (source)", *datasets[1:], "target average"], table), ""]
-        lines += _against_published(protocol, _means(acc, exclude=source))
+        lines += _published_section(_published_rows(protocol, _means(acc)))
     return "\n".join(lines), plots
 
 
-def _means(acc: dict, exclude: str | None = None) -> dict:
+def _means(acc: dict) -> dict:
     """{method: {dataset: mean top-1 over seeds}} from `_by(rows, "method", "dataset")`."""
     out = defaultdict(dict)
     for (m, d), values in acc.items():
-        if d != exclude:
-            out[m][d] = mean_std(values)[0]
+        out[m][d] = mean_std(values)[0]
     return out
 
 
@@ -147,16 +148,19 @@ def _published_value(value):
     return (value["base"], value["novel"], value["hm"]) if isinstance(value, dict) else value
 
 
-def _against_published(protocol: str, measured: dict) -> list[str]:
-    """The published ViT-B/16 numbers of `protocol` (published.json) beside the sweep's `measured` ({method:
-    {dataset: top-1 or (base, novel, hm)}}): each dataset a source prints and the sweep ran, and a source's
-    average, compared only when the sweep ran all the datasets that average is over."""
+def _published_rows(protocol: str, measured: dict, shots: int | None = None) -> list[list[str]]:
+    """The published ViT-B/16 numbers of `protocol` (published.json; few-shot ones at `shots`) beside the sweep's
+    `measured` ({method: {dataset: top-1 or (base, novel, hm)}}): each dataset a source prints and the sweep ran,
+    and a source's average, compared only when the sweep ran all the datasets that average is over."""
     rows = []
     for method, entries in PUBLISHED.get(protocol, {}).get("methods", {}).items():
         if method not in measured:
             continue
         ours = measured[method]
+        label = f"{method} ({shots} shots)" if shots else method
         for entry in entries:
+            if entry.get("shots") != shots:
+                continue
             cells = [(d, ours.get(d), v) for d, v in entry.get("per_dataset", {}).items() if d in ours]
             if "average" in entry:
                 over = PUBLISHED["dataset_groups"][entry["average_over"]]
@@ -169,8 +173,12 @@ def _against_published(protocol: str, measured: dict) -> list[str]:
                 else:
                     difference = _format(tuple(a - b for a, b in zip(mine, value)) if isinstance(value, tuple)
                                          else mine - value, signed=True)
-                rows.append([method, dataset, "–" if mine is None else _format(mine), _format(value), difference,
+                rows.append([label, dataset, "–" if mine is None else _format(mine), _format(value), difference,
                              entry["source"]])
+    return rows
+
+
+def _published_section(rows: list[list[str]]) -> list[str]:
     if not rows:
         return ["Published numbers: none are shipped for these methods under this protocol (promptkit/bench/"
                 "published.json says which are).", ""]
