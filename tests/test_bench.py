@@ -10,9 +10,9 @@ import torch
 
 import promptkit
 from benchmark_trees import make_tree
-from promptkit.bench import FeatureCache, harmonic_mean, model_digest, run_bench
+from promptkit.bench import PUBLISHED, FeatureCache, harmonic_mean, model_digest, run_bench, summarize
 from promptkit.cli import main
-from promptkit.data import load_benchmark
+from promptkit.data import FEW_SHOT_DATASETS, SHIFTS, load_benchmark
 
 QUICK = {"epochs": 1, "batch_size": 4, "cache_passes": 1}
 
@@ -183,6 +183,95 @@ def test_tta_protocol(clip, root, tmp_path):
     with pytest.raises(ValueError, match="the tta protocol trains nothing: leave out --shots"):
         run_bench(clip, "tta", ["tpt"], root, tmp_path / "c", datasets=["dtd"], shots=[16])
 
+
+def test_published_numbers_are_consistent():
+    """Every published number has a source, canonical dataset names and a known method; each base2novel HM is the
+    harmonic mean of its base and novel and each average the mean of its datasets (catches transcription slips)."""
+    canonical = set(FEW_SHOT_DATASETS) | set(SHIFTS)
+    known = set(promptkit.list_methods()) | set(promptkit.list_adapters())
+    groups = PUBLISHED["dataset_groups"]
+    assert set(PUBLISHED) == {"_about", "dataset_groups", "few-shot", "base2novel", "cross-dataset",
+                              "domain-generalization", "tta"}
+    assert all(over and set(over) <= canonical for over in groups.values())
+    harmonic_checked = averages_checked = 0
+    for protocol, block in PUBLISHED.items():
+        if protocol in ("_about", "dataset_groups"):
+            continue
+        for method, entries in block["methods"].items():
+            assert method in known and entries, (protocol, method)
+            for entry in entries:
+                assert "@" in entry["source"] and ": " in entry["source"], entry  # repo@commit: file:line
+                per_dataset = entry.get("per_dataset", {})
+                assert set(per_dataset) <= canonical and (per_dataset or "average" in entry), entry
+                assert ("average" in entry) == ("average_over" in entry), entry
+                for value in [*per_dataset.values(), *([entry["average"]] if "average" in entry else [])]:
+                    if isinstance(value, dict):
+                        assert set(value) == {"base", "novel", "hm"}, entry
+                        assert harmonic_mean(value["base"], value["novel"]) == pytest.approx(value["hm"], abs=0.01)
+                        harmonic_checked += 1
+                    else:
+                        assert 0 < value < 100, entry
+                assert ("shots" in entry) == (protocol == "few-shot"), entry
+                over = groups[entry["average_over"]] if "average" in entry else []
+                if over and set(over) <= set(per_dataset):
+                    # numbers printed to 1 decimal average to within 0.05 of the printed average, to 2 within 0.005
+                    decimals = max(len(repr(float(v)).split(".")[1]) for v in [*per_dataset.values(), entry["average"]])
+                    mean = sum(per_dataset[d] for d in over) / len(over)
+                    assert mean == pytest.approx(entry["average"], abs=0.5 * 10 ** -decimals + 0.005), entry
+                    averages_checked += 1
+    assert harmonic_checked and averages_checked
+
+
+def _summary(protocol, cells, source=None, shots=None):
+    """summarize() over synthetic rows: two seeds per (method, dataset), top-1 `value` -+ 1."""
+    rows = [{"method": m, "dataset": d, "top1": v + delta, "shots": shots} for (m, d), v in cells.items()
+            for delta in (-1, 1)]
+    settings = {"protocol": protocol, "arch": "ViT-B-16", "pretrained": "openai", "seeds": [1, 2], "overrides": {},
+                "source": source}
+    return summarize(rows, settings)[0].split("published ViT-B/16")[1]
+
+
+def test_summary_shows_published_numbers_and_differences():
+    targets = [d for d in FEW_SHOT_DATASETS if d != "imagenet"]
+    cells = {("cocoop", d): 50.0 + i for i, d in enumerate(targets)} | {("cocoop", "imagenet"): 90.0}
+    mine = sum(50.0 + i for i in range(len(targets))) / len(targets)  # the source's 90 is not a target
+    summary = _summary("cross-dataset", cells, "imagenet")
+    source = "ThomasWangY/2024-AAAI-HPT@f3c3f98: README.md:50 (CoCoOp as reported by HPT)"
+    assert f"| cocoop | average (10 targets) | {mine:.2f} | 65.74 | {mine - 65.74:+.2f} | {source} |" in summary
+    assert "| cocoop | imagenet | 90.00 | 71.02 | +18.98 |" in summary  # the source is compared, not averaged
+    assert f"| cocoop | dtd | {50 + targets.index('dtd'):.2f} | 45.73 | {50 + targets.index('dtd') - 45.73:+.2f} |" \
+        in summary
+    del cells[("cocoop", "dtd")]
+    summary = _summary("cross-dataset", cells, "imagenet")
+    assert "| cocoop | average (10 targets) | – | 65.74 | – (needs all 10 datasets) |" in summary
+    assert "| cocoop | dtd |" not in summary
+
+    shifts = {"imagenet_v2": 60.0, "imagenet_sketch": 45.0, "imagenet_a": 52.5, "imagenet_r": 80.0}
+    cells = {("cocoop", d): v for d, v in shifts.items()} | {("cocoop", "imagenet"): 71.0}
+    summary = _summary("domain-generalization", cells, "imagenet")
+    assert "| cocoop | imagenet_a | 52.50 | 50.63 | +1.87 |" in summary
+    assert "| cocoop | imagenet_r | 80.00 | 76.18 | +3.82 |" in summary
+    assert f"| cocoop | average (4 shifts) | 59.38 | 59.91 | {59.375 - 59.91:+.2f} |" in summary
+    assert "| cocoop | imagenet | 71.00 | 71.02 | -0.02 | ThomasWangY/2024-AAAI-HPT" in summary
+
+    cells = {("tpt", d): v for d, v in shifts.items()} | {("zeroshot", d): v for d, v in shifts.items()
+                                                          if d != "imagenet_r"}
+    summary = _summary("tta", cells)
+    assert "| tpt | imagenet_a | 52.50 | 54.77 | -2.27 | jameelhassan/PromptAlign" in summary
+    assert "| tpt | imagenet_a | 52.50 | 52.60 | -0.10 | ashshaksharifdeen/O-TPT" in summary
+    assert "| tpt | imagenet_v2 | 60.00 | 63.00 | -3.00 |" in summary and "64.35" not in summary
+    assert "| tpt | average" not in summary  # none shipped for TPT
+    assert "| zeroshot | imagenet_sketch | 45.00 | 46.06 | -1.06 |" in summary
+    assert "| zeroshot | average (4 shifts) | – | 57.20 | – (needs all 4 datasets) |" in summary
+    assert "| zeroshot | imagenet_r |" not in summary  # not in this sweep
+
+    cells = {("coop", d): 70.0 for d in FEW_SHOT_DATASETS}
+    summary = _summary("few-shot", cells, shots=16)
+    assert "| coop (16 shots) | eurosat | 70.00 | 84.90 | -14.90 | MarcLafon/gallop" in summary
+    assert "| coop (16 shots) | average (11 datasets) | 70.00 | 79.90 | -9.90 |" in summary
+    assert "published ViT-B/16" not in summarize([{**r, "shots": 8} for r in [
+        {"method": "coop", "dataset": "dtd", "top1": 1.0}]], {"protocol": "few-shot", "arch": "a", "pretrained": None,
+                                                             "seeds": [1], "overrides": {}})[0]  # none at 8 shots
 
 @pytest.mark.slow
 def test_torchrun_sweep_equals_one_process(clip, root, tmp_path):

@@ -11,7 +11,6 @@ from typing import Sequence
 from .sweep import harmonic_mean, mean_std
 
 PUBLISHED = json.loads(resources.files(__package__).joinpath("published.json").read_text())
-N_COOP_DATASETS = 11
 
 
 def _cell(values: Sequence[float]) -> str:
@@ -71,33 +70,31 @@ def summarize(rows: Sequence[dict], settings: dict) -> tuple[str, dict]:
                     curves[m] = points
             if curves:
                 plots[d] = curves
+        lines += _published_section([row for k in shots_list for row in _published_rows(
+            protocol, {m: {d: mean_std(acc[(m, d, k)])[0] for d in datasets if (m, d, k) in acc} for m in methods},
+            shots=k)])
     elif protocol == "base2novel":
         datasets = list(dict.fromkeys(r["dataset"] for r in rows))
         acc = _by(rows, "method", "dataset", "classes")
-        table, averages = [], {}
+        table, measured = [], defaultdict(dict)
         for m in methods:
-            row, bases, novels = [m], [], []
+            row = [m]
             for d in datasets:
                 if (m, d, "base") in acc and (m, d, "novel") in acc:
                     base, novel = mean_std(acc[(m, d, "base")])[0], mean_std(acc[(m, d, "novel")])[0]
-                    bases.append(base)
-                    novels.append(novel)
+                    measured[m][d] = (base, novel, harmonic_mean(base, novel))
                     row.append(f"{_cell(acc[(m, d, 'base')])} / {_cell(acc[(m, d, 'novel')])} / "
-                               f"{harmonic_mean(base, novel):.2f}")
+                               f"{measured[m][d][2]:.2f}")
                 else:
                     row.append("–")
-            if len(bases) == len(datasets):
-                base, novel = sum(bases) / len(bases), sum(novels) / len(novels)
-                averages[m] = (base, novel, harmonic_mean(base, novel))
-                row.append(f"{base:.2f} / {novel:.2f} / {averages[m][2]:.2f}")
-            else:
-                row.append("–")
+            row.append(_format(_average(list(measured[m].values())))
+                       if len(measured[m]) == len(datasets) else "–")
             table.append(row)
         lines += ["## Base / novel / harmonic mean", "",
                   "Per dataset: base ± std / novel ± std / HM of the two means. Average: the mean base and novel "
                   "accuracy over the datasets and their HM (as CoCoOp's tables).", "",
                   *_table(["method", *datasets, "average"], table), ""]
-        lines += _published(averages, len(datasets))
+        lines += _published_section(_published_rows(protocol, measured))
     elif protocol == "tta":
         datasets = list(dict.fromkeys(r["dataset"] for r in rows))
         acc = _by(rows, "method", "dataset")
@@ -108,6 +105,7 @@ def summarize(rows: Sequence[dict], settings: dict) -> tuple[str, dict]:
                           f"{sum(means) / len(means):.2f}" if len(means) == len(datasets) else "–"])
         lines += ["## Test-time adaptation (top-1 on each test set)", "",
                   *_table(["method", *datasets, "average"], table), ""]
+        lines += _published_section(_published_rows(protocol, _means(acc)))
     else:
         source = settings["source"]
         datasets = [source] + [d for d in dict.fromkeys(r["dataset"] for r in rows) if d != source]
@@ -120,26 +118,74 @@ def summarize(rows: Sequence[dict], settings: dict) -> tuple[str, dict]:
                           f"{sum(targets) / len(targets):.2f}" if complete and targets else "–"])
         lines += [f"## Trained on {source}, evaluated on the targets", "",
                   *_table(["method", f"{source} (source)", *datasets[1:], "target average"], table), ""]
-        lines += ["Published numbers: the repositories print none for this protocol (only the papers do), so "
-                  "none are shipped.", ""]
+        lines += _published_section(_published_rows(protocol, _means(acc)))
     return "\n".join(lines), plots
 
 
-def _published(averages: dict, n_datasets: int) -> list[str]:
-    published = PUBLISHED["base2novel"]
+def _means(acc: dict) -> dict:
+    """{method: {dataset: mean top-1 over seeds}} from `_by(rows, "method", "dataset")`."""
+    out = defaultdict(dict)
+    for (m, d), values in acc.items():
+        out[m][d] = mean_std(values)[0]
+    return out
+
+
+def _average(values: list):
+    """The mean of top-1 values, or of (base, novel, hm) triples: the mean base and novel and their HM."""
+    if isinstance(values[0], tuple):
+        base, novel = (sum(v[i] for v in values) / len(values) for i in (0, 1))
+        return base, novel, harmonic_mean(base, novel)
+    return sum(values) / len(values)
+
+
+def _format(value, signed: bool = False) -> str:
+    spec = "+.2f" if signed else ".2f"
+    return " / ".join(format(v, spec) for v in value) if isinstance(value, tuple) else format(value, spec)
+
+
+def _published_value(value):
+    """A published.json number as the sweep holds it: a top-1, or a base2novel {base, novel, hm} as a triple."""
+    return (value["base"], value["novel"], value["hm"]) if isinstance(value, dict) else value
+
+
+def _published_rows(protocol: str, measured: dict, shots: int | None = None) -> list[list[str]]:
+    """The published ViT-B/16 numbers of `protocol` (published.json; few-shot ones at `shots`) beside the sweep's
+    `measured` ({method: {dataset: top-1 or (base, novel, hm)}}): each dataset a source prints and the sweep ran,
+    and a source's average, compared only when the sweep ran all the datasets that average is over."""
     rows = []
-    for m, (base, novel, hm) in averages.items():
-        if m not in published:
+    for method, entries in PUBLISHED.get(protocol, {}).get("methods", {}).items():
+        if method not in measured:
             continue
-        p = published[m]
-        diff = (f"{base - p['base']:+.2f} / {novel - p['novel']:+.2f} / {hm - p['hm']:+.2f}"
-                if n_datasets == N_COOP_DATASETS else "– (needs all 11 datasets)")
-        rows.append([m, f"{base:.2f} / {novel:.2f} / {hm:.2f}", f"{p['base']:.2f} / {p['novel']:.2f} / {p['hm']:.2f}",
-                     diff, p["source"]])
+        ours = measured[method]
+        label = f"{method} ({shots} shots)" if shots else method
+        for entry in entries:
+            if entry.get("shots") != shots:
+                continue
+            cells = [(d, ours.get(d), v) for d, v in entry.get("per_dataset", {}).items() if d in ours]
+            if "average" in entry:
+                over = PUBLISHED["dataset_groups"][entry["average_over"]]
+                mine = _average([ours[d] for d in over]) if all(d in ours for d in over) else None
+                cells.append((f"average ({entry['average_over']})", mine, entry["average"]))
+            for dataset, mine, value in cells:
+                value = _published_value(value)
+                if mine is None:
+                    difference = f"– (needs all {len(over)} datasets)"
+                else:
+                    difference = _format(tuple(a - b for a, b in zip(mine, value)) if isinstance(value, tuple)
+                                         else mine - value, signed=True)
+                rows.append([label, dataset, "–" if mine is None else _format(mine), _format(value), difference,
+                             entry["source"]])
+    return rows
+
+
+def _published_section(rows: list[list[str]]) -> list[str]:
     if not rows:
-        return []
-    return ["## Against the published ViT-B/16 averages (11 datasets)", "",
-            *_table(["method", "this sweep", "published", "difference", "source"], rows), ""]
+        return ["Published numbers: none are shipped for these methods under this protocol (promptkit/bench/"
+                "published.json says which are).", ""]
+    return ["## Against the published ViT-B/16 numbers", "",
+            "Difference: this sweep minus the published number; an average is over the datasets named "
+            "(promptkit/bench/published.json lists them).", "",
+            *_table(["method", "dataset", "this sweep", "published", "difference", "source"], rows), ""]
 
 
 def write_summary(rows: Sequence[dict], settings: dict, out: Path) -> Path:
