@@ -3,7 +3,8 @@
 promptkit talks to open_clip only through the stable submodules named below
 (`token_embedding`, `positional_embedding`, `transformer.resblocks`, `ln_final`,
 `text_projection`, `attn_mask` of the text tower, found by `text_module`; `visual.ln_pre`,
-`visual.transformer.resblocks`) and, for timm image towers, timm VisionTransformer's
+`visual.transformer.resblocks`), the text blocks' parts that the shared-prefix pass runs itself
+(`prefix_block_problem`) and, for timm image towers, timm VisionTransformer's
 `norm_pre`, `blocks`, `num_prefix_tokens` and `norm` (`vision_site`).
 """
 from __future__ import annotations
@@ -282,15 +283,46 @@ def text_tower(model: nn.Module, x: torch.Tensor, eot: torch.Tensor) -> torch.Te
 
 def prefix_cache_supported(model: nn.Module) -> bool:
     """Whether a prompt prefix shared by many rows can be encoded once and its keys and values reused: the text
-    tower has a causal mask (without one, earlier positions see later ones) and open_clip's default blocks
-    (`ResidualAttentionBlock` with a packed `nn.MultiheadAttention`, whose weights `block_after_prefix` reads)."""
-    from open_clip.transformer import ResidualAttentionBlock
-
+    tower has a causal mask (without one, earlier positions see later ones) and every text block is one whose
+    attention `block_after_prefix` reproduces (`prefix_block_problem`)."""
     if causal_mask(model, 1) is None:
         return False
-    return all(type(block) is ResidualAttentionBlock and isinstance(block.attn, nn.MultiheadAttention)
-               and block.attn._qkv_same_embed_dim and block.attn.in_proj_bias is not None
-               and not hasattr(block, "ln_1_kv") for block in text_blocks(model))
+    return all(prefix_block_problem(block) is None for block in text_blocks(model))
+
+
+# Everything open_clip's `Attention` holds in the variants its text towers build (q/k LayerNorm, scaled cosine
+# attention, per-head output scale, inner LayerNorm; dropout, off in eval). An `Attention` with any other parameter
+# or submodule computes something the prefix pass would silently leave out.
+_ATTENTION_PARAMETERS = {"in_proj_weight", "in_proj_bias", "logit_scale", "head_scale"}
+_ATTENTION_MODULES = {"ln_q", "ln_k", "attn_drop", "ln_inner", "out_proj", "out_drop"}
+
+
+def prefix_block_problem(block: nn.Module) -> str | None:
+    """Why `block_after_prefix` cannot run `block` (a text block), or None when it can: open_clip's
+    `ResidualAttentionBlock` and `CustomResidualAttentionBlock` over `nn.MultiheadAttention` (open_clip 2.x and 3.x's
+    default blocks) or open_clip's own `Attention` (3.x's custom blocks, and every block from 4.x on)."""
+    from open_clip.transformer import Attention, CustomResidualAttentionBlock, ResidualAttentionBlock
+
+    if type(block) not in (ResidualAttentionBlock, CustomResidualAttentionBlock):
+        return f"its forward ({type(block).__name__}) is not one the prefix pass reproduces"
+    if hasattr(block, "ln_1_kv"):
+        return "it is a cross-attention block: its keys and values come from another sequence"
+    attn = block.attn
+    if getattr(attn, "in_proj_weight", None) is None:  # separate q/k/v weights: only for keys of another width
+        return f"its attention ({type(attn).__name__}) has no packed in_proj_weight: it is not self-attention"
+    if isinstance(attn, nn.MultiheadAttention):
+        if attn.bias_k is not None or attn.add_zero_attn:  # extra key/value rows appended after the sequence
+            return "its nn.MultiheadAttention adds learned or zero key/value rows (add_bias_kv / add_zero_attn)"
+        return None
+    if type(attn) is not Attention:
+        return f"its attention ({type(attn).__name__}) is not one the prefix pass reads"
+    if hasattr(attn, "batch_first"):  # 2.x's (in no 2.x text tower) runs sequence-first and skips its `ln_inner`
+        return "it is open_clip 2.x's Attention, which the prefix pass does not reproduce"
+    extra = ({name for name, _ in attn.named_parameters(recurse=False)} - _ATTENTION_PARAMETERS) | (
+        {name for name, _ in attn.named_children()} - _ATTENTION_MODULES)
+    if extra:
+        return f"its open_clip Attention has parts the prefix pass does not know ({', '.join(sorted(extra))})"
+    return None
 
 
 def text_block_inputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
@@ -318,12 +350,50 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.unflatten(-1, (heads, -1)).transpose(1, 2)  # [N, L, D] -> [N, H, L, D/H]
 
 
+# The attention of `nn.MultiheadAttention` and of open_clip's `Attention` in four steps, each per position: the
+# in-projection (both modules pack it alike in `in_proj_weight`, `in_proj_bias`), what each does to queries and to
+# keys per head, and the output projection. Between them, the scores of suffix queries over prefix + suffix keys.
+
+
+def _in_projection(attn: nn.Module, h: torch.Tensor, parts: slice) -> tuple[torch.Tensor, ...]:
+    """The `parts` of (queries, keys, values) that `attn` projects from `h` [N, L, D], each [N, H, L, D/H]."""
+    start, stop, _ = parts.indices(3)
+    rows = slice(start * h.shape[-1], stop * h.shape[-1])
+    bias = None if attn.in_proj_bias is None else attn.in_proj_bias[rows]
+    out = F.linear(h, attn.in_proj_weight[rows], bias).chunk(stop - start, dim=-1)
+    return tuple(_heads(t, attn.num_heads) for t in out)
+
+
+def _queries(attn: nn.Module, q: torch.Tensor) -> tuple[torch.Tensor, float | None]:
+    """Queries as `attn` scores them, and the scale of their dot products with `_keys` (None: 1/sqrt(D/H))."""
+    logit_scale = getattr(attn, "logit_scale", None)
+    if logit_scale is not None:  # scaled cosine attention: unit queries carry the per-head temperature
+        return F.normalize(q, dim=-1) * logit_scale.clamp(max=attn.logit_scale_max).exp(), 1.0
+    ln_q = getattr(attn, "ln_q", None)
+    return (q if ln_q is None else ln_q(q)), None
+
+
+def _keys(attn: nn.Module, k: torch.Tensor) -> torch.Tensor:
+    if getattr(attn, "logit_scale", None) is not None:
+        return F.normalize(k, dim=-1)
+    ln_k = getattr(attn, "ln_k", None)
+    return k if ln_k is None else ln_k(k)
+
+
+def _out_projection(attn: nn.Module, out: torch.Tensor) -> torch.Tensor:
+    """The attention's output [N, S, D] from the attended values [N, H, S, D/H]."""
+    head_scale = getattr(attn, "head_scale", None)
+    if head_scale is not None:
+        out = out * head_scale
+    out = out.transpose(1, 2).flatten(2)
+    ln_inner = getattr(attn, "ln_inner", None)
+    return attn.out_proj(out if ln_inner is None else ln_inner(out))
+
+
 def prefix_keys_values(block: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values [N, H, L, D/H] that `block`'s attention computes from its input `h` [N, L, D]."""
-    attn, width = block.attn, h.shape[-1]
-    kv = F.linear(block.ln_1(h), attn.in_proj_weight[width:], attn.in_proj_bias[width:])
-    k, v = kv.chunk(2, dim=-1)
-    return _heads(k, attn.num_heads), _heads(v, attn.num_heads)
+    k, v = _in_projection(block.attn, block.ln_1(h), slice(1, 3))
+    return _keys(block.attn, k), v
 
 
 def block_after_prefix(block: nn.Module, x: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
@@ -333,15 +403,17 @@ def block_after_prefix(block: nn.Module, x: torch.Tensor, past_k: torch.Tensor, 
     `attn_mask` [S, P+S] is the model's causal mask for those rows. The same computation as the block's
     own forward over all P+S positions, restricted to the last S outputs [N, S, D], or with `only` [N]
     (suffix index per row) to one output per row [N, 1, D] (the last block: only the pooled one is read)."""
-    attn, heads = block.attn, block.attn.num_heads
-    q, k, v = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    attn = block.attn
+    q, k, v = _in_projection(attn, block.ln_1(x), slice(0, 3))
     if only is not None:
         rows = torch.arange(len(x), device=x.device)
-        x, q = x[rows, only].unsqueeze(1), q[rows, only].unsqueeze(1)
+        x, q = x[rows, only].unsqueeze(1), q[rows, :, only].unsqueeze(2)
         attn_mask = attn_mask[only].view(len(x), 1, 1, -1)  # each row's query position over all keys
-    k = torch.cat([past_k, _heads(k, heads)], dim=2)
-    v = torch.cat([past_v, _heads(v, heads)], dim=2)
-    out = F.scaled_dot_product_attention(_heads(q, heads), k, v, attn_mask=attn_mask.to(q.dtype))
-    out = F.linear(out.transpose(1, 2).flatten(2), attn.out_proj.weight, attn.out_proj.bias)
-    x = x + block.ls_1(out)
+    q, scale = _queries(attn, q)
+    k = torch.cat([past_k, _keys(attn, k)], dim=2)
+    v = torch.cat([past_v, v], dim=2)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask.to(q.dtype), scale=scale)
+    out = _out_projection(attn, out)
+    ln_attn = getattr(block, "ln_attn", None)  # CustomResidualAttentionBlock's norm after attention
+    x = x + block.ls_1(out if ln_attn is None else ln_attn(out))
     return x + block.ls_2(block.mlp(block.ln_2(x)))

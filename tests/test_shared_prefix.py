@@ -3,36 +3,39 @@ each prompt over its own suffix only. It must give the numbers of the full path 
 positions) and of open_clip's own `encode_text`, gradients included, for every learner that uses it."""
 import copy
 
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import promptkit
 from conftest import assert_unchanged, snapshot
 from promptkit import _compat
-
-# open_clip's development branch (4.2) builds its blocks with its own `Attention`, which the prefix pass does not
-# read yet: there `encode_text` falls back to full rows (exact, covered by test_core) and this file has nothing to test.
-pytestmark = pytest.mark.skipif(not _compat.prefix_cache_supported(promptkit.load_clip("test-vit").model),
-                                reason="this open_clip's text blocks are not ones the shared prefix reads")
+from promptkit.clip import TEST_MODELS
+from promptkit.tiny import build_test_model
 
 # Class names from 1 to ~40 tokens, and enough classes (> 128) that the suffixes run in several length groups.
 NAMES = (["x", "golden retriever puppy playing in the snow on a very cold winter morning next to a frozen lake "
           "with mountains and pine trees far behind it", "traffic light"] + [f"class {i}" for i in range(130)])
 
 
-@pytest.fixture
-def prefix_passes(vit_clip, monkeypatch):
-    """Counts the prefix passes, so a test can tell that the shared-prefix path ran."""
+def count_prefix_passes(clip, monkeypatch):
+    """The prefix length of each prefix pass `clip` runs from now on, so a test can tell that the path ran."""
     calls = []
-    encode = vit_clip._encode_prefix
+    encode = clip._encode_prefix
 
     def counted(*args):
         calls.append(args[1])
         return encode(*args)
 
-    monkeypatch.setattr(vit_clip, "_encode_prefix", counted)
+    monkeypatch.setattr(clip, "_encode_prefix", counted)
     return calls
+
+
+@pytest.fixture
+def prefix_passes(vit_clip, monkeypatch):
+    return count_prefix_passes(vit_clip, monkeypatch)
 
 
 def with_path(clip, shared, fn):
@@ -72,22 +75,71 @@ def open_clip_text(learner):
         return F.normalize(learner.clip.model.encode_text(learner.tokens), dim=-1)
 
 
-@pytest.mark.parametrize("n_ctx", [16, 4])
-def test_coop_equals_full_path_and_open_clip(vit_clip, prefix_passes, n_ctx):
-    coop = perturb(promptkit.CoOp(vit_clip, NAMES, n_ctx=n_ctx))
-    weights = torch.randn(len(NAMES), vit_clip.embed_dim, generator=torch.Generator().manual_seed(0))
+def assert_coop_equals_full_path_and_open_clip(clip, passes, names, n_ctx):
+    coop = perturb(promptkit.CoOp(clip, names, n_ctx=n_ctx))
+    weights = torch.randn(len(names), clip.embed_dim, generator=torch.Generator().manual_seed(0))
     results = []
-    for fn in (coop.text_features, lambda: with_path(vit_clip, False, coop.text_features),
+    for fn in (coop.text_features, lambda: with_path(clip, False, coop.text_features),
                lambda: open_clip_text(coop)):
         text = fn()
         results.append((text.detach(), torch.autograd.grad((text * weights).sum(), coop.ctx)[0]))
-    assert prefix_passes == [1 + n_ctx]  # one pass over [SOS] + context, then only the suffixes
+    assert passes == [1 + n_ctx]  # one pass over [SOS] + context, then only the suffixes
     (shared, g_shared), (full, g_full), (reference, g_reference) = results
-    scale = vit_clip.logit_scale.item()  # logits are scale x cosine
+    scale = clip.logit_scale.item()  # logits are scale x cosine
     torch.testing.assert_close(scale * shared, scale * full, atol=1e-5, rtol=0)
     torch.testing.assert_close(scale * shared, scale * reference, atol=1e-5, rtol=0)
     assert_grads_close([g_shared], [g_full])
     assert_grads_close([g_shared], [g_reference])
+
+
+@pytest.mark.parametrize("n_ctx", [16, 4])
+def test_coop_equals_full_path_and_open_clip(vit_clip, prefix_passes, n_ctx):
+    assert_coop_equals_full_path_and_open_clip(vit_clip, prefix_passes, NAMES, n_ctx)
+
+
+# Text towers of the attention variants open_clip builds (`CLIPTextCfg`): its custom blocks (open_clip's `Attention`
+# on every version; on 4.x the default blocks use it too), q/k LayerNorm, scaled cosine attention, NormFormer's
+# per-head scale and extra LayerNorms, LayerScale.
+ATTENTION_VARIANTS = {
+    "default_layer_scale": dict(ls_init_value=0.5),
+    "custom": dict(block_type="custom"),
+    "qk_norm": dict(qk_norm=True),
+    "scaled_cosine": dict(scaled_cosine_attn=True),
+    "normformer": dict(scale_heads=True, scale_attn_inner=True, scale_attn=True, scale_fc=True),
+}
+
+
+def variant_clip(text_options: dict) -> promptkit.FrozenCLIP:
+    embed_dim, vision_cfg, text_cfg = TEST_MODELS["test-vit"]
+    torch.manual_seed(0)
+    model = build_test_model(embed_dim, dict(vision_cfg, layers=1), dict(text_cfg, **text_options))
+    with torch.no_grad():  # LayerNorms, scales and biases start at 1 or 0; move them so that each one counts
+        for p in model.transformer.parameters():
+            if p.ndim != 2:
+                p.add_(0.3 * torch.randn_like(p))
+    return promptkit.FrozenCLIP(model)
+
+
+@pytest.mark.parametrize("variant", ATTENTION_VARIANTS)
+def test_attention_variants_take_the_prefix_path_exactly(monkeypatch, variant):
+    options = ATTENTION_VARIANTS[variant]
+    if options.get("scaled_cosine_attn") and int(open_clip.__version__.split(".")[0]) < 4:
+        pytest.skip("open_clip < 4's own scaled cosine attention fails on its 4-D heads (torch.bmm)")
+    clip = variant_clip(options)
+    assert all(_compat.prefix_block_problem(block) is None for block in clip.text_blocks)
+    assert_coop_equals_full_path_and_open_clip(clip, count_prefix_passes(clip, monkeypatch), NAMES[:20], 4)
+
+
+def test_unknown_attention_parts_fall_back_to_full_rows(monkeypatch):
+    clip = variant_clip(dict(block_type="custom"))
+    passes = count_prefix_passes(clip, monkeypatch)
+    clip.text_blocks[1].attn.rotary = nn.Identity()  # a part the prefix pass would not apply
+    assert "rotary" in _compat.prefix_block_problem(clip.text_blocks[1])
+    coop = promptkit.CoOp(clip, NAMES[:6], n_ctx=4)
+    with torch.no_grad():
+        shared, full = coop.text_features(), with_path(clip, False, coop.text_features)
+    assert not passes
+    torch.testing.assert_close(shared, full, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("method", ["kgcoop", "cocoop", "maple", "ivlp", "promptsrc"])
@@ -187,14 +239,19 @@ def test_zero_shot_templates_share_their_prefix(vit_clip, prefix_passes):
     torch.testing.assert_close(ensemble, reference, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("case", ["class_specific", "middle", "front", "unknown_hook", "no_causal_mask"])
+@pytest.mark.parametrize("case", ["class_specific", "middle", "front", "unknown_hook", "no_causal_mask",
+                                  "unknown_block"])
 def test_falls_back_to_full_rows(vit_clip, prefix_passes, images, case):
     clip = vit_clip
     kwargs = {"class_specific": dict(class_specific=True), "middle": dict(class_token_position="middle"),
               "front": dict(class_token_position="front")}.get(case, {})
-    if case == "no_causal_mask":  # e.g. SigLIP's text tower: earlier positions see later ones
+    if case in ("no_causal_mask", "unknown_block"):
         model = copy.deepcopy(vit_clip.model)
-        model.attn_mask = None
+        if case == "no_causal_mask":  # e.g. SigLIP's text tower: earlier positions see later ones
+            model.attn_mask = None
+        else:  # a block class whose forward the prefix pass cannot know
+            block = model.transformer.resblocks[1]
+            block.__class__ = type("PatchedBlock", (type(block),), {})
         clip = promptkit.FrozenCLIP(model)
     coop = perturb(promptkit.CoOp(clip, NAMES[:6], n_ctx=4, **kwargs))
     hooks = coop.text_hooks()
@@ -202,7 +259,7 @@ def test_falls_back_to_full_rows(vit_clip, prefix_passes, images, case):
         hooks.append(promptkit.Hook(clip.text_blocks[1], lambda module, args, out: out))
     tokens = coop.tokens
     assert clip._shared_prefix(tokens, int(clip.eot_index(tokens).min()), hooks) is None
-    if case != "no_causal_mask":
+    if clip is vit_clip:
         with torch.no_grad():
             clip.encode_text(tokens, hooks=hooks)
         assert not prefix_passes
