@@ -38,7 +38,8 @@ class CoCoOp(CoOp):
             cost is one more text forward per chunk in backward (about a third more time per step). "auto": when
             the prompt sets of a step take more than one chunk (with one chunk its graph is all that is alive
             anyway, and recomputing it would save nothing); True: always; False: never (every chunk's graph
-            is kept until backward).
+            is kept until backward). On CPU, glibc's malloc can keep the freed activations of chunk after chunk
+            resident; MALLOC_MMAP_THRESHOLD_=131072 in the environment hands them back (see the README).
     """
 
     def __init__(self, clip, classnames: Sequence[str], n_ctx: int | None = None,
