@@ -11,8 +11,10 @@ from promptkit import _compat
 
 NAMES = ["cat", "dog", "golden retriever puppy playing in the snow", "car", "a", "traffic light", "x"]
 PREFIX = _compat.prefix_cache_supported(promptkit.load_clip("test-vit").model)
-LEARNERS = [("cocoop", {}), ("cpl", {}), ("bayesian", dict(n_samples=3)),
-            ("bayesian", dict(n_samples=3, conditional=False))]
+# (method, keywords, Bayesian's fixed prediction noise table instead of fresh noise from a seed)
+CASES = [("cocoop", {}, False), ("cpl", {}, False)] + [
+    ("bayesian", dict(n_samples=3, conditional=conditional), fixed) for conditional in (True, False)
+    for fixed in (False, True)]
 
 
 def features(n, dim, seed=0):
@@ -47,11 +49,8 @@ def outputs_and_grads(learner, feats, noise):
 
 
 @pytest.mark.parametrize("shared_prefix", [True, False] if PREFIX else [False])
-@pytest.mark.parametrize("method, kwargs", LEARNERS)
-@pytest.mark.parametrize("fixed_noise", [False, True])
+@pytest.mark.parametrize("method, kwargs, fixed_noise", CASES)
 def test_checkpointed_text_pass_equals_kept_graph(vit_clip, monkeypatch, method, kwargs, shared_prefix, fixed_noise):
-    if fixed_noise and method != "bayesian":
-        pytest.skip("only Bayesian prompt learning draws noise")
     monkeypatch.setattr(vit_clip, "shared_prefix", shared_prefix)
     prefix_passes, encode_prefix = [], vit_clip._encode_prefix
     monkeypatch.setattr(vit_clip, "_encode_prefix", lambda *args: prefix_passes.append(1) or encode_prefix(*args))
