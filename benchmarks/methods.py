@@ -1,7 +1,7 @@
 """Every registered method: time per training iteration (training_loss forward + backward) and peak memory.
 
     python benchmarks/methods.py [--arch ViT-B-32] [--classes 100] [--batch 8] [--iters 2] [--head linear-probe]
-                                 [--bank 1600] [--device cuda --amp bf16]
+                                 [--bank 1600] [--kwargs '{"checkpoint_text": false}'] [--device cuda --amp bf16]
 
 Random weights (no download), same images for all; each method runs in its own process, once with each
 text path: every prompt over all its positions ("full rows", `FrozenCLIP.shared_prefix=False`) and a
@@ -13,8 +13,9 @@ with a backward to the pixels); POUF's and self-learning's read no label (they a
 `--head` gives every learner that LP-FT head (stage 2's step; stage 1 is the linear probe's one-off fit);
 `--bank N` first calls the `fit` of learners built from data with N random image features (the contrastive
 adapter's pool of positives and hard negatives, Tip-Adapter's cache), as the trainer does with the training
-set's. `--amp bf16`: the steps under torch.autocast(device, bf16). Peak memory: the process's peak resident set
-on CPU, torch.cuda.max_memory_allocated on CUDA.
+set's. `--kwargs JSON`: constructor keywords for every method run (e.g. CoCoOp's `text_batch`, `checkpoint_text`),
+shown in the row's name. `--amp bf16`: the steps under torch.autocast(device, bf16). Peak memory: the process's
+peak resident set on CPU, torch.cuda.max_memory_allocated on CUDA.
 """
 from __future__ import annotations
 
@@ -95,6 +96,7 @@ def main():
     parser.add_argument("--methods", nargs="*", default=None)
     parser.add_argument("--head", default=None, choices=["zeroshot", "linear-probe"], help="LP-FT head for every method")
     parser.add_argument("--bank", type=int, default=0, help="image features handed to the learners' fit first")
+    parser.add_argument("--kwargs", type=json.loads, default={}, help="constructor keywords (JSON) for every method")
     add_common_args(parser)
     args = parser.parse_args()
     if args.worker:
@@ -106,6 +108,7 @@ def main():
     rows = []
     for method in args.methods or promptkit.list_methods():
         for kwargs in VARIANTS.get(method, [{}]):
+            kwargs = {**kwargs, **args.kwargs}
             cfg = dict(method=method, kwargs=kwargs, arch=args.arch, classes=args.classes, batch=args.batch,
                        iters=args.iters, device=args.device, threads=args.threads, head=args.head, bank=args.bank,
                        amp=args.amp)

@@ -78,7 +78,7 @@ def test_method_learns_a_toy(name, vit_clip, classnames):
 NON_DEFAULT = {
     "zeroshot": dict(templates=["itap of a {}."], dataset="dtd"),
     "coop": dict(n_ctx=3, ctx_init="a photo", class_specific=True, class_token_position="front", init_std=0.5),
-    "cocoop": dict(n_ctx=3, ctx_init=None, init_std=0.5, text_batch=2),
+    "cocoop": dict(n_ctx=3, ctx_init=None, init_std=0.5, text_batch=2, checkpoint_text=True),
     "kgcoop": dict(n_ctx=5, ctx_init="a photo", class_specific=True, class_token_position="middle", init_std=0.5,
                    weight=2.0, dataset="dtd", templates=["itap of a {}."]),
     "prograd": dict(n_ctx=6, ctx_init="a photo", class_specific=True, class_token_position="front", init_std=0.5,
@@ -106,9 +106,9 @@ NON_DEFAULT = {
                           loss="soft", q=0.5, teacher="zero-shot", top_k=2, templates=["itap of a {}."]),
     "contrastive-adapter": dict(hidden_dim=16, batch_norm=False, residual=True, temperature=0.5, n_positives=4,
                                 n_negatives=4, n_neighbours=8, text=False, templates=["itap of a {}."], dataset="dtd"),
-    "cpl": dict(n_ctx=3, ctx_init=None, init_std=0.5, text_batch=2),
+    "cpl": dict(n_ctx=3, ctx_init=None, init_std=0.5, text_batch=2, checkpoint_text=False),
     "bayesian": dict(n_ctx=3, ctx_init=None, init_std=0.5, text_batch=2, n_samples=3, mc_seed=5,
-                     conditional=False),
+                     conditional=False, checkpoint_text=True),
     "dpl": dict(n_ctx=3, width=16, depth=4, dropout=0.0),
 }
 

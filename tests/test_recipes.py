@@ -17,7 +17,7 @@ from promptkit.recipes import PROTOCOLS, _DATA, get_recipe, list_recipes
 # learner carries them, recipes are checked against these names; then against the learners themselves.
 KEYWORDS = {
     "coop": {"n_ctx", "ctx_init", "class_specific", "class_token_position", "init_std"},
-    "cocoop": {"n_ctx", "ctx_init", "init_std", "text_batch"},
+    "cocoop": {"n_ctx", "ctx_init", "init_std", "text_batch", "checkpoint_text"},
     "kgcoop": {"n_ctx", "ctx_init", "class_specific", "class_token_position", "init_std", "weight", "dataset"},
     "prograd": {"n_ctx", "ctx_init", "class_specific", "class_token_position", "init_std", "weight", "temperature",
                 "dataset"},
@@ -39,8 +39,9 @@ KEYWORDS = {
                       "teacher", "top_k", "templates"},
     "contrastive-adapter": {"hidden_dim", "batch_norm", "residual", "temperature", "n_positives", "n_negatives",
                             "n_neighbours", "text", "templates", "dataset"},
-    "cpl": {"n_ctx", "ctx_init", "init_std", "text_batch"},
-    "bayesian": {"n_ctx", "ctx_init", "init_std", "text_batch", "n_samples", "mc_seed", "conditional"},
+    "cpl": {"n_ctx", "ctx_init", "init_std", "text_batch", "checkpoint_text"},
+    "bayesian": {"n_ctx", "ctx_init", "init_std", "text_batch", "n_samples", "mc_seed", "conditional",
+                 "checkpoint_text"},
     "dpl": {"n_ctx", "width", "depth", "dropout"},
 }
 ENTRY_KEYS = {"optimizer", "lr", "momentum", "weight_decay", "batch_size", "shots", "epochs", "warmup_epochs",

@@ -72,7 +72,8 @@ class BayesianPrompt(CoCoOp):
 
     Args:
         n_ctx, ctx_init, init_std: as CoOp.
-        text_batch: images whose n_samples x C prompts are encoded together.
+        text_batch: prompt sets (C prompts each: one image's Monte Carlo sample) encoded together.
+        checkpoint_text: as CoCoOp; the noise is drawn before the text pass, so the recomputation sees the same.
         n_samples: Monte Carlo samples L per image, at training and inference.
         mc_seed: seed of the noise table used for prediction.
         conditional: mean and variance from the image feature (the paper); False: learned, the same for every
@@ -81,11 +82,12 @@ class BayesianPrompt(CoCoOp):
 
     def __init__(self, clip, classnames: Sequence[str], n_ctx: int | None = None,
                  ctx_init: str | None = "a photo of a", init_std: float = 0.02, text_batch: int = 8,
-                 n_samples: int = 10, mc_seed: int = 0, conditional: bool = True):
+                 n_samples: int = 10, mc_seed: int = 0, conditional: bool = True, checkpoint_text: bool | str = "auto"):
         if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
             raise ValueError(f"n_samples (Monte Carlo samples of the context) must be an integer >= 1, got "
                              f"{n_samples!r}; the authors use 5-40 (10 by default)")
-        super().__init__(clip, classnames, n_ctx=n_ctx, ctx_init=ctx_init, init_std=init_std, text_batch=text_batch)
+        super().__init__(clip, classnames, n_ctx=n_ctx, ctx_init=ctx_init, init_std=init_std, text_batch=text_batch,
+                         checkpoint_text=checkpoint_text)
         # The posterior replaces CoCoOp's Meta-Net under the same name, as the authors' code names it.
         self.meta_net = (Posterior(clip.embed_dim, clip.embed_dim // 2, clip.text_width) if conditional
                          else GlobalPosterior(clip.text_width)).to(self.ctx.device)
@@ -110,28 +112,27 @@ class BayesianPrompt(CoCoOp):
 
         The conditional posterior runs n_samples x C prompts per image. The unconditional one draws one shift
         per sample for the whole batch (the authors' `coopvpt` samples [L, 1, W]), so its n_samples x C prompts
-        are encoded once per batch.
+        are encoded once per batch. The L x B contexts are encoded `text_batch` at a time (`prompt_set_features`,
+        checkpointed: memory does not grow with the batch or L). Fresh eps are drawn for the whole batch at once,
+        so the noise an image gets does not depend on `text_batch`.
 
         Args:
             image_features: normalised [B, D].
             noise: eps [n_samples, W] shared by the images, or None for fresh eps.
         """
         shared = isinstance(self.meta_net, GlobalPosterior)
-        logits, means, log_vars = [], [], []
-        for chunk in [image_features] if shared else image_features.split(self.text_batch):
-            mean, log_var = self.meta_net(chunk[:1] if shared else chunk.to(self.ctx.dtype))
-            eps = torch.randn(self.n_samples, *mean.shape, device=mean.device, dtype=mean.dtype) if noise is None \
-                else noise[:, None].to(mean.dtype)
-            shift = mean + eps * torch.exp(0.5 * log_var)  # [L, b, W] (b = 1 when shared)
-            contexts = self.ctx + shift.unsqueeze(2)  # [L, b, n_ctx, W]
-            text = self.context_text_features(contexts.flatten(0, 1)).unflatten(0, contexts.shape[:2])
-            text = text.expand(-1, len(chunk), -1, -1)
-            with torch.autocast(chunk.device.type, enabled=False):  # fp32 logits, as `PromptLearner.logits`
-                per_sample = self.clip.logit_scale.float() * torch.einsum("bd,lbcd->lbc", chunk.float(), text.float())
-                logits.append(per_sample.log_softmax(-1).logsumexp(0) - math.log(self.n_samples))
-            means.append(mean)
-            log_vars.append(log_var)
-        return torch.cat(logits), (torch.cat(means), torch.cat(log_vars))
+        mean, log_var = self.meta_net(image_features[:1] if shared else image_features.to(self.ctx.dtype))
+        eps = torch.randn(self.n_samples, *mean.shape, device=mean.device, dtype=mean.dtype) if noise is None \
+            else noise[:, None].to(mean.dtype)
+        shift = mean + eps * torch.exp(0.5 * log_var)  # [L, B, W] (B = 1 when shared)
+        contexts = self.ctx + shift.unsqueeze(2)  # [L, B, n_ctx, W]
+        text = self.prompt_set_features(contexts.flatten(0, 1)).unflatten(0, contexts.shape[:2])
+        text = text.expand(-1, len(image_features), -1, -1)
+        with torch.autocast(image_features.device.type, enabled=False):  # fp32 logits, as `PromptLearner.logits`
+            per_sample = self.clip.logit_scale.float() * torch.einsum("bd,lbcd->lbc", image_features.float(),
+                                                                      text.float())
+            logits = per_sample.log_softmax(-1).logsumexp(0) - math.log(self.n_samples)
+        return logits, (mean, log_var)
 
     def forward(self, images=None, *, image_features=None, text_features=None) -> torch.Tensor:
         """Log Monte Carlo predictive [B, C] with the seeded noise table (`text_features` is not used)."""

@@ -63,12 +63,14 @@ class CPL(CoCoOp):
     Defaults are CoCoOp's, which CPL trains from: 4 context tokens from "a photo of a"; SGD lr 0.002, batch 1.
 
     Args:
-        n_ctx, ctx_init, init_std, text_batch: as CoCoOp.
+        n_ctx, ctx_init, init_std, text_batch, checkpoint_text: as CoCoOp.
     """
 
     def __init__(self, clip, classnames: Sequence[str], n_ctx: int | None = None,
-                 ctx_init: str | None = "a photo of a", init_std: float = 0.02, text_batch: int = 8):
-        super().__init__(clip, classnames, n_ctx=n_ctx, ctx_init=ctx_init, init_std=init_std, text_batch=text_batch)
+                 ctx_init: str | None = "a photo of a", init_std: float = 0.02, text_batch: int = 8,
+                 checkpoint_text: bool | str = "auto"):
+        super().__init__(clip, classnames, n_ctx=n_ctx, ctx_init=ctx_init, init_std=init_std, text_batch=text_batch,
+                         checkpoint_text=checkpoint_text)
         if self.n_classes < 2:
             raise ValueError("CPL contrasts each class with another one: give at least 2 class names")
         device, d = self.ctx.device, clip.embed_dim
@@ -120,11 +122,6 @@ class CPL(CoCoOp):
         v = image_features.float()
         mixed = (1 - mask) * v + mask * self.class_image[negative]
         return F.normalize(mixed, dim=-1), mask, valid
-
-    def image_text_features(self, image_features: torch.Tensor) -> torch.Tensor:
-        """Each image's class text features [B, C, D] (CoCoOp's per-image prompts)."""
-        return torch.cat([self.context_text_features(self.tunable_context(chunk))
-                          for chunk in image_features.split(self.text_batch)])
 
     def training_outputs(self, images=None, *, image_features=None) -> TrainOutputs:
         if image_features is None:
