@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
 from ..checkpoint import load_tensors, save_tensors
@@ -78,15 +77,14 @@ class FeatureCache:
             tensors = load_tensors(path)
             return tensors["features"].to(device), tensors["labels"].to(device)
         self.misses += 1
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        index = torch.arange(rank, len(dataset), world)
+        index = distributed.shard(len(dataset))
         chunks, labels = [], []
         for images, targets in DataLoader(Subset(dataset, index.tolist()), batch_size=self.batch_size):
             chunks.append(self.clip.encode_image(images.to(device)).float())
             labels.append(torch.as_tensor(targets).to(device))
         if not chunks:  # a rank past the last image still joins the gather
             chunks, labels = [torch.zeros(0, self.clip.embed_dim, device=device)], [torch.zeros(0, device=device)]
-        order = distributed.gather_cat(index.to(device)).argsort()
+        order = distributed.dataset_order(index, device)
         features = distributed.gather_cat(torch.cat(chunks))[order]
         labels = distributed.gather_cat(torch.cat(labels).long())[order]
         if distributed.is_main():

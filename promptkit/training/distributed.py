@@ -76,6 +76,19 @@ def broadcast(tensors) -> None:
             dist.broadcast(t, src=0)
 
 
+def shard(n: int) -> torch.Tensor:
+    """This rank's share of n items in dataset order: every W-th from its rank (all n in one process)."""
+    if not dist.is_initialized():
+        return torch.arange(n)
+    return torch.arange(dist.get_rank(), n, dist.get_world_size())
+
+
+def dataset_order(index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The permutation that puts results gathered in rank order (`gather_cat` of each rank's `shard`) back in
+    dataset order."""
+    return gather_cat(index.to(device)).argsort()
+
+
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenates equally-shaped tensors from all ranks (rank order), differentiable: gradients flow back to
     the rank that computed each part (as open_clip's `gather_with_grad`)."""

@@ -261,7 +261,7 @@ class PromptTrainer:
         if tasks is not None and groups is None:
             groups = tasks.tolist()
         learner.eval()
-        index = torch.arange(self.rank, len(dataset), self.world)
+        index = distributed.shard(len(dataset))
         with self._autocast():
             text = learner.text_features()
             logits, robust, labels = [], [], []
@@ -282,7 +282,7 @@ class PromptTrainer:
             robust_correct = distributed.gather_cat(torch.cat(robust)).argmax(-1) == labels
             robust_top1 = 100 * robust_correct.float().mean().item()
         if groups is not None:  # the shards come in rank order: back to dataset order, where `groups` is
-            order = distributed.gather_cat(index.to(self.device)).argsort()
+            order = distributed.dataset_order(index, self.device)
             logits, labels = logits[order], labels[order]
         metrics = classification_metrics(logits, labels, n_bins=cfg.ece_bins, groups=groups)
         if tasks is not None and "per_group" in metrics:
